@@ -1,0 +1,165 @@
+"""Save students as folders that a plain diffusers install loads with `DiffusionPipeline.from_pretrained`.
+
+A saved student is a stock `DDPMPipeline` folder (`model_index.json` names only diffusers classes) whose
+scheduler is a stock scheduler that reproduces the student's DDIM grid exactly:
+
+* `DDIMScheduler` (trailing, unclipped, `set_alpha_to_one`) when num_train_timesteps % N == 0: it computes the
+  previous timestep as t - T // N, which is then exactly the next grid point;
+* otherwise `DPMSolverMultistepScheduler` of order 1 (DPM-Solver++(1) *is* DDIM) with trailing spacing and a
+  zero final sigma, which reads the previous timestep off its grid;
+* if neither is exact (e.g. zero terminal SNR with T % N != 0), `DDIMScheduler` with a warning and
+  `"stock_exact": false` in the metadata.
+
+The student's metadata (step count, teacher, parameterizations, schedule, grid) is stored under the private key
+`_diffusers_pd` of `scheduler/scheduler_config.json`: every diffusers scheduler ignores it when building itself and
+keeps it in its config. Load with ``DiffusionPipeline.from_pretrained(folder)(num_inference_steps=N)``.
+"""
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler
+
+from . import __version__
+from .atomic import PathLike, atomic_directory
+from .scheduler import METADATA_KEY, STOCK_SAMPLING_KEYS
+from .schedules import alphas_cumprod_from_config, trailing_timesteps
+
+logger = logging.getLogger(__name__)
+
+SCHEDULE_KEYS = (
+    "num_train_timesteps",
+    "beta_start",
+    "beta_end",
+    "beta_schedule",
+    "trained_betas",
+    "prediction_type",
+    "rescale_betas_zero_snr",
+)
+
+
+def schedule_kwargs(config) -> Dict[str, Any]:
+    """Every schedule key of `config`, explicitly, so no diffusers default can slip in (`_use_default_values`)."""
+    return {key: config[key] for key in SCHEDULE_KEYS if key in config}
+
+
+def ddim_scheduler(config) -> DDIMScheduler:
+    """A stock DDIMScheduler sampling deterministic DDIM on the trailing grid of `config`'s schedule."""
+    return DDIMScheduler(**schedule_kwargs(config), **STOCK_SAMPLING_KEYS)
+
+
+def dpm_solver_first_order_scheduler(config) -> DPMSolverMultistepScheduler:
+    """A stock DPM-Solver++(1) (= DDIM) on the trailing grid of `config`'s schedule, landing on sigma = 0."""
+    return DPMSolverMultistepScheduler(
+        **schedule_kwargs(config),
+        solver_order=1,
+        algorithm_type="dpmsolver++",
+        timestep_spacing="trailing",
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        euler_at_final=False,
+        use_karras_sigmas=False,
+        lambda_min_clipped=-math.inf,
+        thresholding=False,
+        steps_offset=0,
+    )
+
+
+def _ddim_is_exact(config, num_steps: int) -> bool:
+    """DDIMScheduler steps t -> t - T // N: exact iff that lands on the next grid point every time."""
+    num_train_timesteps = config["num_train_timesteps"]
+    grid = trailing_timesteps(num_train_timesteps, num_steps)
+    stock = ddim_scheduler(config)
+    stock.set_timesteps(num_steps)
+    expected_prev = np.append(grid[1:], -1)
+    return np.array_equal(stock.timesteps.numpy(), grid) and np.array_equal(
+        grid - num_train_timesteps // num_steps, expected_prev
+    )
+
+
+def _dpm_solver_is_exact(config, num_steps: int) -> bool:
+    """DPM-Solver++(1) is exact iff it uses our grid and every sigma on it is finite (no zero terminal SNR)."""
+    if alphas_cumprod_from_config(config)[-1] == 0:
+        return False
+    stock = dpm_solver_first_order_scheduler(config)
+    stock.set_timesteps(num_steps)
+    grid = trailing_timesteps(config["num_train_timesteps"], num_steps)
+    return np.array_equal(stock.timesteps.numpy(), grid) and bool(torch.isfinite(stock.sigmas).all())
+
+
+def stock_scheduler_for(config, num_steps: int) -> Tuple[Any, bool]:
+    """(stock scheduler, exact): the diffusers scheduler that samples the N-step student grid of `config`."""
+    if _ddim_is_exact(config, num_steps):
+        return ddim_scheduler(config), True
+    if _dpm_solver_is_exact(config, num_steps):
+        return dpm_solver_first_order_scheduler(config), True
+    return ddim_scheduler(config), False
+
+
+def student_metadata(
+    scheduler_config,
+    num_inference_steps: int,
+    *,
+    teacher: Optional[str] = None,
+    teacher_prediction_type: Optional[str] = None,
+    method: str = "progressive_distillation",
+    **extra,
+) -> Dict[str, Any]:
+    """The metadata dict stored under `_diffusers_pd` in a student's scheduler config."""
+    schedule = {k: v for k, v in schedule_kwargs(scheduler_config).items() if k not in ("prediction_type", "trained_betas")}
+    schedule["trained_betas"] = scheduler_config.get("trained_betas") is not None
+    return {
+        "method": method,
+        "num_inference_steps": int(num_inference_steps),
+        "timesteps": trailing_timesteps(scheduler_config["num_train_timesteps"], num_inference_steps).tolist(),
+        "prediction_type": scheduler_config["prediction_type"],
+        "teacher": teacher,
+        "teacher_prediction_type": teacher_prediction_type,
+        "schedule": schedule,
+        "diffusers_pd_version": __version__,
+        **extra,
+    }
+
+
+def save_student(
+    folder: PathLike,
+    unet,
+    scheduler,
+    num_inference_steps: int,
+    *,
+    teacher: Optional[str] = None,
+    teacher_prediction_type: Optional[str] = None,
+    extra_files: Optional[Dict[str, bytes]] = None,
+    **metadata,
+) -> Dict[str, Any]:
+    """Write a stock-loadable student folder atomically (temporary name, then rename); returns its metadata.
+
+    `scheduler` is the student's `ProgressiveDistillationScheduler` (or any scheduler with the same schedule
+    config). `extra_files` (name -> bytes, e.g. `samples.png`, `README.md`) are written inside the folder.
+    """
+    stock, exact = stock_scheduler_for(scheduler.config, num_inference_steps)
+    info = student_metadata(
+        scheduler.config,
+        num_inference_steps,
+        teacher=teacher,
+        teacher_prediction_type=teacher_prediction_type,
+        stock_scheduler=type(stock).__name__,
+        stock_exact=exact,
+        **metadata,
+    )
+    if not exact:
+        logger.warning(
+            "No stock diffusers scheduler reproduces the %d-step grid of this schedule exactly; %s saved it with "
+            "%s, which will mis-sample it (metadata stock_exact=false). Sample it with ProgressiveDistillationPipeline.",
+            num_inference_steps, folder, type(stock).__name__,
+        )
+    stock.register_to_config(**{METADATA_KEY: info})
+    with atomic_directory(folder) as tmp:
+        DDPMPipeline(unet=unet, scheduler=stock).save_pretrained(tmp)
+        for name, data in (extra_files or {}).items():
+            (Path(tmp) / name).write_bytes(data)
+    return info

@@ -1,0 +1,93 @@
+"""`ProgressiveDistillationPipeline`: sample a distilled student on the grid it was trained for."""
+
+from typing import Iterable, List, Optional, Union
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from .scheduler import METADATA_KEY, ProgressiveDistillationScheduler
+
+
+def student_steps(scheduler) -> Optional[int]:
+    """The step count a student was distilled for, from its scheduler config metadata (None for a plain teacher)."""
+    return (scheduler.config.get(METADATA_KEY) or {}).get("num_inference_steps")
+
+
+def initial_noise(unet: UNet2DModel, batch_size: int, generator=None, device=None) -> torch.Tensor:
+    """z_1 ~ N(0, I) of the unet's sample shape, drawn exactly as diffusers' DDPMPipeline draws it."""
+    sample_size = unet.config.sample_size
+    size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+    shape = (batch_size, unet.config.in_channels, *size)
+    return randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
+
+
+def denoise(
+    unet: UNet2DModel,
+    scheduler,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    progress: Optional[callable] = None,
+) -> torch.Tensor:
+    """Run any diffusers scheduler from noise `latents` for `num_inference_steps` steps; returns the final sample."""
+    scheduler.set_timesteps(num_inference_steps, device=latents.device)
+    sample = latents * scheduler.init_noise_sigma
+    timesteps: Iterable = scheduler.timesteps if progress is None else progress(scheduler.timesteps)
+    for t in timesteps:
+        model_input = scheduler.scale_model_input(sample, t)
+        model_output = unet(model_input, t).sample
+        sample = scheduler.step(model_output, t, sample).prev_sample
+    return sample
+
+
+class ProgressiveDistillationPipeline(DiffusionPipeline):
+    """Unconditional image pipeline for distilled students: deterministic DDIM on the student's own N-step grid.
+
+    `num_inference_steps` defaults to the step count stored in the student's scheduler config. A stock scheduler
+    (as saved by `save_student`) is converted to `ProgressiveDistillationScheduler` with the same schedule, so
+    `ProgressiveDistillationPipeline.from_pretrained(student_folder)` samples exactly what the student learned.
+
+    Args:
+        unet (`UNet2DModel`): the student (or a teacher).
+        scheduler (`SchedulerMixin`): any diffusers scheduler of the same schedule.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler):
+        super().__init__()
+        if not isinstance(scheduler, ProgressiveDistillationScheduler):
+            scheduler = ProgressiveDistillationScheduler.from_config(scheduler.config)
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        num_inference_steps: Optional[int] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> Union[ImagePipelineOutput, tuple]:
+        """Sample `batch_size` images in `num_inference_steps` (default: the student's own) DDIM steps.
+
+        Args:
+            latents (`torch.Tensor`, *optional*): initial noise; drawn from `generator` as DDPMPipeline does if None.
+            output_type (`str`): `"pil"`, `"np"` or `"pt"` (images in [0, 1]).
+        """
+        num_inference_steps = num_inference_steps or student_steps(self.scheduler)
+        if num_inference_steps is None:
+            raise ValueError("This pipeline holds no student step count: pass num_inference_steps=N.")
+        if latents is None:
+            latents = initial_noise(self.unet, batch_size, generator=generator, device=self._execution_device)
+        sample = denoise(self.unet, self.scheduler, latents.to(self._execution_device), num_inference_steps, self.progress_bar)
+        image = (sample / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny UNet2DModel configs built in the tests (no downloads)."""
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(8, 16),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D"),
+)
+
+
+def tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:
+    """A randomly initialised tiny UNet2DModel (about 40k parameters) whose output depends on its input and t."""
+    torch.manual_seed(seed)
+    unet = UNet2DModel(**{**TINY_UNET, **overrides})
+    with torch.no_grad():  # diffusers zero-inits nothing here, but make the output scale clearly non-trivial
+        for p in unet.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return unet.eval()
+
+
+@pytest.fixture
+def unet():
+    return tiny_unet()

@@ -1,0 +1,98 @@
+"""Float64 identities of the parameterization module against independent formulas."""
+
+import math
+
+import pytest
+import torch
+
+from diffusers_pd.parameterization import (
+    ddim_step,
+    eps_from_v,
+    eps_from_x,
+    loss_weight,
+    output_from_x,
+    v_from_x_eps,
+    x_eps_from_output,
+    x_from_both,
+    x_from_ddim_endpoints,
+    x_from_eps,
+    x_from_v,
+)
+
+torch.manual_seed(0)
+
+
+def point(shape=(5, 3, 4, 4)):
+    """Random x, eps, and (alpha, sigma) on the unit circle, in float64."""
+    x, eps = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    angle = torch.rand(shape[0], 1, 1, 1, dtype=torch.float64) * (math.pi / 2 - 0.02) + 0.01
+    return x, eps, torch.cos(angle), torch.sin(angle)
+
+
+def test_x_eps_v_round_trips():
+    x, eps, alpha, sigma = point()
+    z = alpha * x + sigma * eps
+    torch.testing.assert_close(x_from_eps(z=z, eps=eps, alpha=alpha, sigma=sigma), x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eps_from_x(z=z, x=x, alpha=alpha, sigma=sigma), eps, rtol=1e-12, atol=1e-12)
+    v = v_from_x_eps(x=x, eps=eps, alpha=alpha, sigma=sigma)
+    # v is the time-derivative of z along the circle: dz/dphi with alpha = cos(phi), sigma = sin(phi)
+    torch.testing.assert_close(v, -sigma * x + alpha * eps)
+    torch.testing.assert_close(x_from_v(z=z, v=v, alpha=alpha, sigma=sigma), x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(eps_from_v(z=z, v=v, alpha=alpha, sigma=sigma), eps, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_output_from_x_inverts_x_eps_from_output(prediction_type):
+    x, eps, alpha, sigma = point()
+    z = alpha * x + sigma * eps
+    output = output_from_x(x=x, z=z, alpha=alpha, sigma=sigma, prediction_type=prediction_type)
+    x_back, eps_back = x_eps_from_output(output=output, z=z, alpha=alpha, sigma=sigma, prediction_type=prediction_type)
+    torch.testing.assert_close(x_back, x, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(eps_back, eps, rtol=1e-11, atol=1e-11)
+
+
+def test_both_merges_with_weights_sigma2_and_alpha2():
+    x, eps, alpha, sigma = point()
+    z = alpha * x + sigma * eps
+    x_pred, eps_pred = torch.randn_like(x), torch.randn_like(x)
+    expected = sigma**2 * x_pred + alpha**2 * (z - sigma * eps_pred) / alpha
+    torch.testing.assert_close(x_from_both(z=z, x_pred=x_pred, eps_pred=eps_pred, alpha=alpha, sigma=sigma), expected)
+    # consistent heads merge to the shared x
+    torch.testing.assert_close(x_from_both(z=z, x_pred=x, eps_pred=eps, alpha=alpha, sigma=sigma), x)
+
+
+def test_ddim_endpoints_recover_x():
+    x, eps, alpha_t, sigma_t = point()
+    _, _, alpha_s, sigma_s = point()
+    z_t = alpha_t * x + sigma_t * eps
+    # DDIM keeps the implied eps: z_s = alpha_s x + sigma_s (z_t - alpha_t x) / sigma_t
+    z_s = ddim_step(x=x, eps=(z_t - alpha_t * x) / sigma_t, alpha_s=alpha_s, sigma_s=sigma_s)
+    recovered = x_from_ddim_endpoints(z_t=z_t, z_s=z_s, alpha_t=alpha_t, sigma_t=sigma_t, alpha_s=alpha_s, sigma_s=sigma_s)
+    torch.testing.assert_close(recovered, x, rtol=1e-9, atol=1e-9)
+
+
+def test_loss_weights():
+    _, _, alpha, sigma = point((200, 1, 1, 1))
+    snr = (alpha / sigma) ** 2
+    torch.testing.assert_close(loss_weight(alpha=alpha, sigma=sigma, weighting="truncated_snr"), torch.maximum(snr, torch.ones_like(snr)))
+    torch.testing.assert_close(loss_weight(alpha=alpha, sigma=sigma, weighting="snr_plus_one"), snr + 1)
+    torch.testing.assert_close(loss_weight(alpha=alpha, sigma=sigma, weighting="snr"), snr)
+    assert torch.equal(loss_weight(alpha=alpha, sigma=sigma, weighting="constant"), torch.ones_like(snr))
+
+
+def test_snr_plus_one_weighted_x_mse_is_v_mse():
+    x, eps, alpha, sigma = point()
+    z = alpha * x + sigma * eps
+    x_hat = x + 0.3 * torch.randn_like(x)
+    v = v_from_x_eps(x=x, eps=eps, alpha=alpha, sigma=sigma)
+    v_hat = output_from_x(x=x_hat, z=z, alpha=alpha, sigma=sigma, prediction_type="v_prediction")
+    weight = loss_weight(alpha=alpha, sigma=sigma, weighting="snr_plus_one")
+    torch.testing.assert_close(weight * (x - x_hat) ** 2, (v - v_hat) ** 2, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_names_raise_one_line_errors():
+    x, eps, alpha, sigma = point()
+    with pytest.raises(ValueError, match="use one of epsilon, sample, v_prediction"):
+        x_eps_from_output(output=x, z=x, alpha=alpha, sigma=sigma, prediction_type="eps")
+    with pytest.raises(ValueError, match="truncated_snr"):
+        loss_weight(alpha=alpha, sigma=sigma, weighting="min_snr")
