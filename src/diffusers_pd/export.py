@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler
+from huggingface_hub import ModelCard
 
 from . import __version__
 from .atomic import PathLike, atomic_directory
@@ -134,12 +135,15 @@ def save_student(
     teacher: Optional[str] = None,
     teacher_prediction_type: Optional[str] = None,
     extra_files: Optional[Dict[str, bytes]] = None,
+    card_repo_id: Optional[str] = None,
+    card_training: Optional[Dict[str, Any]] = None,
     **metadata,
 ) -> Dict[str, Any]:
-    """Write a stock-loadable student folder atomically (temporary name, then rename); returns its metadata.
+    """Write a stock-loadable student folder with its model card atomically (temporary name, then rename).
 
     `scheduler` is the student's `ProgressiveDistillationScheduler` (or any scheduler with the same schedule
-    config). `extra_files` (name -> bytes, e.g. `samples.png`, `README.md`) are written inside the folder.
+    config). `extra_files` (name -> bytes, e.g. `samples.png`) are written inside the folder; README.md is a Hub
+    model card naming `card_repo_id` (default: the folder) and the `card_training` rows. Returns the metadata.
     """
     stock, exact = stock_scheduler_for(scheduler.config, num_inference_steps)
     info = student_metadata(
@@ -160,6 +164,8 @@ def save_student(
     stock.register_to_config(**{METADATA_KEY: info})
     with atomic_directory(folder) as tmp:
         DDPMPipeline(unet=unet, scheduler=stock).save_pretrained(tmp)
+        card = ModelCard(model_card_text(info, card_repo_id or str(folder), card_training))
+        (Path(tmp) / "README.md").write_text(str(card), encoding="utf-8")
         for name, data in (extra_files or {}).items():
             (Path(tmp) / name).write_bytes(data)
     return info

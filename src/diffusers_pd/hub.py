@@ -97,7 +97,8 @@ def _write_marker(folder: Path, marker: dict) -> None:
 
 def _failure(folder: Path, repo_id: str, branch: str, cause: str, private: bool) -> HubPushError:
     """The one-line error of a failed push, with the command that retries it."""
-    retry = f"python -m diffusers_pd.hub push {folder.parent} --hub_model_id {repo_id}" + (" --private" if private else "")
+    retry = f"python -m diffusers_pd.hub push {folder.parent} --hub_model_id {repo_id}"
+    retry += " --private" if private else ""
     return HubPushError(
         f"Could not push {folder} to Hub repo {repo_id} (branch {branch}): {cause}. "
         f"The student is safe on disk; retry with: {retry}"

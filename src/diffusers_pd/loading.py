@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from diffusers import UNet2DModel
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers import DDPMScheduler  # only its `load_config` (reads scheduler_config.json) is used
 
 TEACHER_LAYOUTS = (
     "a Hub id or folder holding a pipeline (model_index.json + unet/ + scheduler/), or a UNet2DModel folder "
@@ -49,9 +49,9 @@ def load_teacher(
             "UNet2DModel teachers (text-conditioned UNets need the Stable Diffusion script)."
         )
     scheduler_source, scheduler_subfolder = (scheduler, None) if scheduler else (name_or_path, "scheduler" if unet_subfolder else None)
-    scheduler_config = _load_config(SchedulerMixin, scheduler_source, scheduler_subfolder, None if scheduler else revision)
+    scheduler_config = _load_config(DDPMScheduler, scheduler_source, scheduler_subfolder, None if scheduler else revision)
     if scheduler_config is None and scheduler and _is_pipeline(scheduler, None):
-        scheduler_config = _load_config(SchedulerMixin, scheduler, "scheduler", None)
+        scheduler_config = _load_config(DDPMScheduler, scheduler, "scheduler", None)
     if scheduler_config is None:
         raise ValueError(
             f"No scheduler config found for teacher {name_or_path!r}: pass --teacher_scheduler with a scheduler "

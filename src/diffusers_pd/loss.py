@@ -15,6 +15,16 @@ from .scheduler import ProgressiveDistillationScheduler
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class RawOutput:
+    """Callable (z, t) -> the raw output tensor of a diffusers UNet (which returns a `UNet2DOutput`)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+
+    def __call__(self, z: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return self.unet(z, timesteps).sample
+
+
 def weighted_x_mse(*, x_hat, x_target, alpha, sigma, weighting: str) -> torch.Tensor:
     """Per-sample w(lambda) * mean over pixels of (x-hat - x_target)^2."""
     weight = loss_weight(alpha=alpha, sigma=sigma, weighting=weighting).reshape(-1)

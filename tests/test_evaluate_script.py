@@ -1,0 +1,58 @@
+"""End to end: examples/evaluate.py on a tiny teacher and student, FID against the digits data set."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import tiny_unet
+from diffusers import DDPMPipeline, DDPMScheduler
+from PIL import Image
+
+from diffusers_pd import ProgressiveDistillationScheduler, save_student
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
+SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+
+
+def test_evaluate_script_writes_every_row(tmp_path):
+    # The "student" is the teacher's own network saved as a 2-step student, so its row must equal the
+    # teacher's 2-step DDIM row exactly (same weights, same grid, same initial noise), and so must the
+    # 2-step ceiling. DPM-Solver++(2M) at 2 steps is first order at both steps, i.e. DDIM up to rounding.
+    teacher_dir, student_dir, output_dir = tmp_path / "teacher", tmp_path / "student-2", tmp_path / "eval"
+    DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(**SCHEDULE)).save_pretrained(teacher_dir)
+    save_student(student_dir, tiny_unet(0), ProgressiveDistillationScheduler(**SCHEDULE), 2, teacher=str(teacher_dir))
+
+    command = [
+        sys.executable, str(SCRIPT), "--teacher", str(teacher_dir), "--students", str(student_dir),
+        "--dataset_name", "digits", "--split", "train", "--num_reference", "32", "--num_samples", "32",
+        "--batch_size", "16", "--nfe", "2", "--teacher_steps", "2", "--seed", "3", "--device", "cpu",
+        "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(output_dir),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    report = json.loads((output_dir / "results.json").read_text())
+    fids = {(row["sampler"], row["nfe"]): row["fid"] for row in report["rows"]}
+    assert set(fids) == {
+        ("student (progressive_distillation)", 2),
+        ("teacher DDIM", 2),
+        ("teacher DPM-Solver++(2M)", 2),
+        ("teacher DDIM (ceiling)", 2),
+    }
+    assert all(math.isfinite(value) and value > 0 for value in fids.values())
+    assert fids[("student (progressive_distillation)", 2)] == fids[("teacher DDIM", 2)]
+    assert fids[("teacher DDIM (ceiling)", 2)] == fids[("teacher DDIM", 2)]
+    assert math.isclose(fids[("teacher DPM-Solver++(2M)", 2)], fids[("teacher DDIM", 2)], rel_tol=1e-2)
+
+    for row in report["rows"]:
+        with Image.open(output_dir / row["samples"]) as grid:
+            assert grid.format == "PNG" and grid.size == (6 * 8, 6 * 8)  # 32 images of 8x8 in a 6x6 grid
+    with Image.open(output_dir / "fid_vs_nfe.png") as plot:
+        plot.verify()
+        assert plot.format == "PNG"
+    table = (output_dir / "results.md").read_text().splitlines()
+    assert len(table) == 2 + len(report["rows"]) and "| teacher DDIM | " in "\n".join(table)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
