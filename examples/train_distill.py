@@ -266,7 +266,7 @@ def main(argv=None) -> dict:
         scheduler_config = {**scheduler_config, "prediction_type": args.prediction_type}
         row = {"stage": f"{2 * num_steps} -> {num_steps}", "steps": num_steps, "updates": args.iterations_per_stage,
                "time_s": round(time.time() - stage_start, 1),
-               "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])) if losses else float("nan"),
+               "first_loss": training.mean_or_nan(losses[:10]), "final_loss": training.mean_or_nan(losses[-10:]),
                "student": str(output_dir / f"student-{num_steps}steps")}
         if accelerator.is_main_process:
             grid = sample_grid(teacher, scheduler_config, num_steps, args.num_grid_images, device)

@@ -29,3 +29,11 @@ def tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:
 @pytest.fixture
 def unet():
     return tiny_unet()
+
+
+def save_tiny_teacher(folder, seed: int = 0, **scheduler_kwargs):
+    """A tiny eps-prediction, T=1000 linear teacher pipeline folder: the shape of Hub DDPM checkpoints."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    DDPMPipeline(unet=tiny_unet(seed), scheduler=DDPMScheduler(num_train_timesteps=1000, **scheduler_kwargs)).save_pretrained(folder)
+    return folder

@@ -45,8 +45,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dataloader_num_workers", type=int, default=0)
 
 
-def add_optimization_args(parser: argparse.ArgumentParser, learning_rate: float) -> None:
-    """Optimizer, precision and reproducibility arguments."""
+def add_optimization_args(
+    parser: argparse.ArgumentParser, learning_rate: float, ema_decay: Optional[float] = None
+) -> None:
+    """Optimizer, precision and reproducibility arguments (`ema_decay`: the script's default, None = off)."""
     group = parser.add_argument_group("optimization")
     group.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -56,7 +58,8 @@ def add_optimization_args(parser: argparse.ArgumentParser, learning_rate: float)
     group.add_argument("--adam_weight_decay", type=float, default=0.0)
     group.add_argument("--adam_epsilon", type=float, default=1e-8)
     group.add_argument("--max_grad_norm", type=float, default=1.0)
-    group.add_argument("--ema_decay", type=float, default=None, help="EMA decay of the trained weights (default: off).")
+    group.add_argument("--ema_decay", type=float, default=ema_decay,
+                       help="EMA decay of the trained weights; None or 0: no EMA (default: %(default)s).")
     group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument("--seed", type=int, default=0)
@@ -174,6 +177,13 @@ def random_flips(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 def linear_decay_lr(step: int, total_steps: int, learning_rate: float) -> float:
     """lr(step) = learning_rate * (1 - step / total_steps): linear decay to 0 over a stage."""
     return learning_rate * max(0.0, 1.0 - step / total_steps)
+
+
+def linear_warmup_lr(step: int, warmup_steps: int, learning_rate: float) -> float:
+    """lr(step) = learning_rate * min(1, (step + 1) / warmup_steps): linear warmup over `warmup_steps` updates, then constant."""
+    if warmup_steps <= 0:
+        return learning_rate
+    return learning_rate * min(1.0, (step + 1) / warmup_steps)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -315,6 +325,11 @@ def check_finite(loss: torch.Tensor, step: int, output_dir) -> None:
             f"Loss is {loss.item()} at update {step}: stopping. Last good checkpoint: {last}. "
             "Lower --learning_rate or --max_grad_norm, or check the data, then --resume_from_checkpoint latest."
         )
+
+
+def mean_or_nan(values: List[float]) -> float:
+    """The mean of `values`, NaN when there are none (e.g. a stage resumed at its very end)."""
+    return sum(values) / len(values) if values else float("nan")
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:

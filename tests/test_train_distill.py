@@ -1,0 +1,117 @@
+"""End-to-end runs of examples/train_distill.py on tiny models (CPU, seconds)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_teacher
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusers_pd import ProgressiveDistillationPipeline, ProgressiveDistillationScheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_distill.py"
+
+STOCK_SAMPLER = """
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+out = {}
+for folder, steps in json.loads(sys.argv[1]):
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(batch_size=4, generator=torch.Generator().manual_seed(3), num_inference_steps=steps, output_type="np").images
+    np.save(f"{folder}/stock.npy", images)
+assert "diffusers_pd" not in sys.modules
+"""
+
+
+def run_distill(*args, check=True):
+    """Run the script in a subprocess; return the completed process."""
+    result = subprocess.run([sys.executable, str(SCRIPT), "--report_to", "none", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def our_images(folder, steps):
+    """Samples of a saved student drawn with our scheduler on its grid (the reference for the stock load)."""
+    pipe = ProgressiveDistillationPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    assert isinstance(pipe.scheduler, ProgressiveDistillationScheduler)
+    return pipe(batch_size=4, generator=torch.Generator().manual_seed(3), num_inference_steps=steps, output_type="np").images
+
+
+def test_eps_teacher_to_v_students_load_in_plain_diffusers(tmp_path):
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    out = tmp_path / "out"
+    result = run_distill("--teacher", teacher, "--dataset_name", "digits", "--start_steps", 8, "--end_steps", 2,
+                         "--iterations_per_stage", 4, "--train_batch_size", 8, "--output_dir", out, "--num_grid_images", 4)
+    assert "8 -> 4" in result.stdout and "4 -> 2" in result.stdout  # the end summary table
+
+    students = [(str(out / f"student-{n}steps"), n) for n in (4, 2)]
+    stock = subprocess.run([sys.executable, "-c", STOCK_SAMPLER, json.dumps(students)], capture_output=True, text=True)
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    for folder, steps in students:
+        folder = Path(folder)
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        meta = config["_diffusers_pd"]
+        assert config["prediction_type"] == "v_prediction" and meta["num_inference_steps"] == steps
+        assert meta["teacher_prediction_type"] == ("epsilon" if steps == 4 else "v_prediction")
+        assert meta["stock_exact"] and meta["teacher"] == str(teacher)
+        np.testing.assert_allclose(np.load(folder / "stock.npy"), our_images(folder, steps), atol=1e-5)
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.library_name == "diffusers" and f"num_inference_steps={steps}" in card.text
+        with Image.open(folder / "samples.png") as grid:
+            assert grid.size == (2 * 8, 2 * 8)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["steps"] for row in summary] == [4, 2] and all(np.isfinite(row["final_loss"]) for row in summary)
+
+
+def test_zero_learning_rate_student_is_the_teacher(tmp_path):
+    """The student starts as an exact copy of the teacher (and the teacher is never updated)."""
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    out = tmp_path / "out"
+    run_distill("--teacher", teacher, "--dataset_name", "digits", "--start_steps", 4, "--end_steps", 2,
+                "--iterations_per_stage", 2, "--train_batch_size", 4, "--learning_rate", 0, "--output_dir", out,
+                "--num_grid_images", 1)
+    original = load_file(teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    student = load_file(out / "student-2steps" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert original.keys() == student.keys()
+    assert all(torch.equal(original[k], student[k]) for k in original)
+
+
+def test_training_lowers_the_distillation_loss(tmp_path):
+    """The trained student's distillation loss on fresh noise is well below that of its initialisation (the teacher).
+
+    A v-prediction teacher: a random eps-teacher's x-hat = (z - sigma eps) / alpha explodes at alpha ~ 0.006.
+    """
+    from diffusers import UNet2DModel
+
+    from diffusers_pd.data import image_transform, load_digits_dataset
+    from diffusers_pd.loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
+
+    teacher_dir = save_tiny_teacher(tmp_path / "teacher", prediction_type="v_prediction")
+    out = tmp_path / "out"
+    run_distill("--teacher", teacher_dir, "--dataset_name", "digits", "--start_steps", 4, "--end_steps", 2,
+                "--iterations_per_stage", 60, "--train_batch_size", 16, "--learning_rate", 2e-3,
+                "--loss_weighting", "snr_plus_one", "--output_dir", out, "--num_grid_images", 1)
+    teacher = UNet2DModel.from_pretrained(teacher_dir, subfolder="unet")
+    student = UNet2DModel.from_pretrained(out / "student-2steps", subfolder="unet")
+    transform = image_transform(8, 1)
+    digits = load_digits_dataset()
+    images = torch.stack([transform(digits[i]["image"]) for i in range(256, 512)])
+    scheduler = ProgressiveDistillationScheduler.from_pretrained(teacher_dir, subfolder="scheduler")
+    scheduler.set_timesteps(2)
+    loss_fn = ProgressiveDistillationLoss(scheduler, "snr_plus_one")
+    noise, indices = draw_noise_and_grid_indices(images.shape, 2, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        before = loss_fn(RawOutput(teacher), RawOutput(teacher), images, noise, indices).mean()
+        after = loss_fn(RawOutput(student), RawOutput(teacher), images, noise, indices).mean()
+    assert after < 0.7 * before, (after, before)
