@@ -98,7 +98,7 @@ def load_unet_pipeline(name: str, device: str) -> DiffusionPipeline:
     """Load an unconditional UNet pipeline (folder or Hub id) onto `device`, in eval mode."""
     pipeline = DiffusionPipeline.from_pretrained(name)
     if getattr(pipeline, "unet", None) is None or getattr(pipeline, "scheduler", None) is None:
-        raise ValueError(f"{name} has no `unet` and `scheduler`: pass an unconditional UNet pipeline (e.g. DDPMPipeline).")
+        raise ValueError(f"{name} has no `unet` and `scheduler`: pass an unconditional UNet pipeline (DDPMPipeline).")
     pipeline.unet.to(device).eval()
     return pipeline
 
@@ -143,8 +143,10 @@ def build_rows(args, teacher: DiffusionPipeline, students: dict) -> list:
 
 
 def check_same_shape(teacher: DiffusionPipeline, students: dict) -> None:
-    """Every student must sample images of the teacher's shape (they share one noise)."""
+    """The teacher samples square images, and every student the teacher's shape (they share one noise)."""
     shape = (teacher.unet.config.in_channels, teacher.unet.config.sample_size)
+    if not isinstance(shape[1], int):
+        raise ValueError(f"The teacher's sample_size is {shape[1]}: only square images (an int) are supported.")
     for name, student in students.items():
         if (student.unet.config.in_channels, student.unet.config.sample_size) != shape:
             raise ValueError(f"{name} samples a different shape than the teacher {shape}: evaluate it separately.")
@@ -226,7 +228,8 @@ def markdown_table(results: list) -> str:
 
 def write_outputs(output_dir: str, config: dict, results: list) -> None:
     """Write results.json, results.md and fid_vs_nfe.png, each atomically."""
-    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps({"config": config, "rows": results}, indent=2))
+    report = json.dumps({"config": config, "rows": results}, indent=2)
+    atomic_write_text(os.path.join(output_dir, "results.json"), report)
     atomic_write_text(os.path.join(output_dir, "results.md"), markdown_table(results))
     atomic_write_bytes(os.path.join(output_dir, "fid_vs_nfe.png"), plot_png(results))
 
@@ -266,7 +269,7 @@ def main(argv=None) -> None:
     for row in rows:
         keep = []
         batches = sample_batches(row, teacher.unet, args.num_samples, args.batch_size, args.seed, args.device, keep)
-        statistics = feature_statistics(batches, features, total=args.num_samples, desc=f"{row.sampler} @ {row.nfe}")
+        statistics = feature_statistics(batches, features, total=args.num_samples, desc=f"{row.sampler}, NFE {row.nfe}")
         grid_path = os.path.join("samples", f"{row.slug}.png")
         atomic_write_bytes(os.path.join(args.output_dir, grid_path), grid_png(torch.cat(keep)))
         fid = fid_from_statistics(statistics, reference)
@@ -275,6 +278,7 @@ def main(argv=None) -> None:
         write_outputs(args.output_dir, config, results)
         print(f"{row.sampler:28s} NFE {row.nfe:4d}  FID {fid:.2f}")
     print(markdown_table(results))
+    print(f"Wrote results.json, results.md, fid_vs_nfe.png and samples/ to {args.output_dir}")
 
 
 if __name__ == "__main__":

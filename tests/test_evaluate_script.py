@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from conftest import tiny_unet
 from diffusers import DDPMPipeline, DDPMScheduler
 from PIL import Image
@@ -17,6 +18,23 @@ SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "evaluate.py"
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
 
 
+class TinyFeatures(torch.nn.Module):
+    """Stand-in for the FID Inception (same input convention, 128-d output) to keep the test fast."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, kernel_size=13, stride=13)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1)
+
+
+def save_tiny_features(path: Path) -> None:
+    """Write a seeded `TinyFeatures` as TorchScript, as `--inception_weights` expects."""
+    torch.manual_seed(0)
+    torch.jit.script(TinyFeatures().eval()).save(str(path))
+
+
 def test_evaluate_script_writes_every_row(tmp_path):
     # The "student" is the teacher's own network saved as a 2-step student, so its row must equal the
     # teacher's 2-step DDIM row exactly (same weights, same grid, same initial noise), and so must the
@@ -24,12 +42,14 @@ def test_evaluate_script_writes_every_row(tmp_path):
     teacher_dir, student_dir, output_dir = tmp_path / "teacher", tmp_path / "student-2", tmp_path / "eval"
     DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(**SCHEDULE)).save_pretrained(teacher_dir)
     save_student(student_dir, tiny_unet(0), ProgressiveDistillationScheduler(**SCHEDULE), 2, teacher=str(teacher_dir))
+    save_tiny_features(tmp_path / "features.pt")
 
     command = [
         sys.executable, str(SCRIPT), "--teacher", str(teacher_dir), "--students", str(student_dir),
         "--dataset_name", "digits", "--split", "train", "--num_reference", "32", "--num_samples", "32",
         "--batch_size", "16", "--nfe", "2", "--teacher_steps", "2", "--seed", "3", "--device", "cpu",
-        "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(output_dir),
+        "--inception_weights", str(tmp_path / "features.pt"), "--cache_dir", str(tmp_path / "cache"),
+        "--output_dir", str(output_dir),
     ]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

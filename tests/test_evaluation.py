@@ -51,6 +51,16 @@ def resize_tf1_by_grid_sample(images: torch.Tensor, size: int) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: LAPACK's 2048x2048 eigvals gains nothing from threads and stalls badly (10x) when
+    two threads share a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def features():
     return InceptionFeatures()
@@ -78,6 +88,7 @@ def test_features_feed_inception_with_reference_scaling(features):
     with torch.no_grad():
         expected = features.net((images.float() - 128) / 128)
     got = features(images)
+    assert features.num_features == 2048
     assert got.shape == (2, 2048) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected)
 

@@ -90,16 +90,19 @@ def resize_bilinear_tf1(images: torch.Tensor, size: int = INCEPTION_RESOLUTION) 
 class InceptionFeatures(nn.Module):
     """uint8 images (N, C, H, W), C in {1, 3}, any size -> float32 (N, 2048) FID Inception pool features.
 
-    Pass it as `torchmetrics.image.fid.FrechetInceptionDistance(feature=InceptionFeatures())`.
+    Pass it as `torchmetrics.image.fid.FrechetInceptionDistance(feature=InceptionFeatures())`. `weights_path`
+    may name any TorchScript feature network with the same input convention; `num_features` is read off its
+    output, and `weights_sha256` keys the reference-statistics cache.
     """
-
-    num_features = 2048
 
     def __init__(self, weights_path: Optional[str] = None):
         super().__init__()
         path = weights_path or default_inception_path()
         self.net = load_inception(path)
         self.weights_sha256 = file_sha256(path)
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, INCEPTION_RESOLUTION, INCEPTION_RESOLUTION)
+            self.num_features = int(self.net(probe).shape[-1])
 
     @property
     def device(self) -> torch.device:
@@ -188,6 +191,11 @@ class _PrecomputedFeatures(nn.Module):
 def fid_from_statistics(fake: FeatureStatistics, real: FeatureStatistics) -> float:
     """FID between two image sets from their statistics, by `FrechetInceptionDistance.compute` in float64."""
     num_features = real.features_sum.shape[0]
+    if fake.features_sum.shape[0] != num_features:
+        raise ValueError(
+            f"Statistics of {fake.features_sum.shape[0]} and {num_features} features: "
+            "compute both with the same feature model."
+        )
     metric = FrechetInceptionDistance(feature=_PrecomputedFeatures(num_features))
     # An empty float64 update leaves every state unchanged; it makes compute() return float64.
     metric.update(torch.zeros(0, num_features, dtype=torch.float64), real=True)
