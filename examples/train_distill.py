@@ -14,7 +14,6 @@ package. With no arguments it runs an offline CPU demo: the committed reference 
 
 import argparse
 import copy
-import io
 import json
 import logging
 import sys
@@ -26,15 +25,15 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
 from diffusers.training_utils import EMAModel
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from diffusers_pd import ProgressiveDistillationPipeline, ProgressiveDistillationScheduler, save_student, training
+from diffusers_pd import ProgressiveDistillationScheduler, save_student, training
 from diffusers_pd.atomic import atomic_write_text
 from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset
 from diffusers_pd.loading import load_teacher
 from diffusers_pd.loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 from diffusers_pd.parameterization import LOSS_WEIGHTINGS, PREDICTION_TYPES
+from diffusers_pd.pipeline import sample_grid
 
 logger = get_logger(__name__)
 REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
@@ -112,33 +111,6 @@ def validate(args):
     return teacher, dict(scheduler_config), dataset
 
 
-def sample_grid(unet, scheduler_config, num_steps: int, num_images: int, device) -> "PIL.Image.Image":
-    """A grid of `num_images` samples from fixed seeds, `num_steps` DDIM steps on the student's grid."""
-    pipe = ProgressiveDistillationPipeline(unet=unet, scheduler=ProgressiveDistillationScheduler.from_config(scheduler_config))
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    latents = torch.randn((num_images, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size), generator=generator)
-    images = pipe(num_inference_steps=num_steps, latents=latents.to(device, unet.dtype)).images
-    rows = max(1, int(num_images**0.5))
-    return make_image_grid(images[: rows * (num_images // rows)], rows=rows, cols=num_images // rows)
-
-
-def png_bytes(image) -> bytes:
-    """PNG encoding of a PIL image."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def log_grid(accelerator, grid, step: int, tag: str) -> None:
-    """Send a sample grid to the trackers that take images."""
-    import numpy as np
-
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
-
-
 def push(args) -> str:
     """Push every finished student not yet on the Hub (this one, and any earlier failed push), newest last."""
     from diffusers_pd.hub import HubPushError, push_pending
@@ -168,6 +140,10 @@ def main(argv=None) -> dict:
         log_with=training.resolve_report_to(args.report_to),
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
+    try:
+        training.check_process_count(accelerator.num_processes)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -270,11 +246,11 @@ def main(argv=None) -> dict:
                "student": str(output_dir / f"student-{num_steps}steps")}
         if accelerator.is_main_process:
             grid = sample_grid(teacher, scheduler_config, num_steps, args.num_grid_images, device)
-            log_grid(accelerator, grid, progress["global_step"], f"samples/{num_steps}steps")
+            training.log_grid(accelerator, grid, progress["global_step"], f"samples/{num_steps}steps")
             save_student(
                 output_dir / f"student-{num_steps}steps", teacher, scheduler, num_steps,
                 teacher=args.teacher, teacher_prediction_type=teacher_prediction_type,
-                extra_files={"samples.png": png_bytes(grid)}, card_repo_id=args.hub_model_id,
+                extra_files={"samples.png": training.png_bytes(grid)}, card_repo_id=args.hub_model_id,
                 card_training={"iterations per stage": args.iterations_per_stage, "global batch size": global_batch * args.gradient_accumulation_steps,
                                "learning rate": f"{args.learning_rate} (linear decay to 0 per stage)", "loss weighting": args.loss_weighting},
                 stage=stage + 1, loss_weighting=args.loss_weighting,
@@ -287,6 +263,7 @@ def main(argv=None) -> dict:
                                      {"teacher": teacher}, total_limit=args.checkpoints_total_limit)
 
     # 8. summary
+    accelerator.wait_for_everyone()  # no process may tear down the process group while another still uses it
     accelerator.end_training()
     if accelerator.is_main_process:
         table = training.format_table(history)

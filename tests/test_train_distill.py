@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from conftest import save_tiny_teacher
 from huggingface_hub import ModelCard

@@ -4,6 +4,7 @@ from typing import Iterable, List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils import make_image_grid
 from diffusers.utils.torch_utils import randn_tensor
 
 from .scheduler import METADATA_KEY, ProgressiveDistillationScheduler
@@ -91,3 +92,16 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+def sample_grid(unet: UNet2DModel, scheduler_config, num_steps: int, num_images: int, device=None):
+    """A PIL grid of `num_images` samples from fixed noise (seed 0), `num_steps` deterministic DDIM steps."""
+    pipe = ProgressiveDistillationPipeline(unet=unet, scheduler=ProgressiveDistillationScheduler.from_config(scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    latents = initial_noise(unet, num_images, generator=torch.Generator().manual_seed(0))
+    was_training = unet.training
+    unet.eval()
+    images = pipe(num_inference_steps=num_steps, latents=latents.to(device or unet.device)).images
+    unet.train(was_training)
+    rows = max(1, int(num_images**0.5))
+    return make_image_grid(images[: rows * (num_images // rows)], rows=rows, cols=num_images // rows)

@@ -7,6 +7,7 @@ computes the same updates. State is therefore: weights, optimizer, EMA and a few
 """
 
 import argparse
+import io
 import json
 import logging
 import math
@@ -113,6 +114,17 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) ->
         raise ValueError(
             f"--output_dir {output_dir} exists and is not empty: pass --resume_from_checkpoint latest to continue it, "
             "--overwrite_output_dir to write into it anyway, or another --output_dir."
+        )
+
+
+def check_process_count(num_processes: int) -> None:
+    """Refuse a launch whose processes accelerate does not see (e.g. torchrun on CPU): they would overwrite each other."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate runs {num_processes}: each would "
+            "train alone into the same output_dir. On CPU set ACCELERATE_USE_CPU=1 (e.g. `ACCELERATE_USE_CPU=1 torchrun "
+            f"--standalone --nproc_per_node {launched} ...`); elsewhere check the launch with `accelerate env`."
         )
 
 
@@ -252,7 +264,8 @@ def save_checkpoint(
         atomic_write_text(tmp / "progress.json", json.dumps({**progress, "global_step": global_step}, indent=2))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():
+            _discard(final)
         os.replace(tmp, final)
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
@@ -265,7 +278,15 @@ def prune_checkpoints(output_dir, total_limit: Optional[int]) -> None:
         return
     found = list_checkpoints(output_dir)
     for old in found[: max(0, len(found) - max(total_limit, 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a folder without ever leaving it half-deleted under its name: rename it hidden, then delete."""
+    trash = folder.parent / f".{folder.name}.deleting"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_progress(checkpoint: Path) -> Dict[str, Any]:
@@ -330,6 +351,24 @@ def check_finite(loss: torch.Tensor, step: int, output_dir) -> None:
 def mean_or_nan(values: List[float]) -> float:
     """The mean of `values`, NaN when there are none (e.g. a stage resumed at its very end)."""
     return sum(values) / len(values) if values else float("nan")
+
+
+def png_bytes(image) -> bytes:
+    """PNG encoding of a PIL image."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def log_grid(accelerator, grid, step: int, tag: str = "samples") -> None:
+    """Send a PIL sample grid to the trackers that take images (tensorboard, wandb)."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(tag, np.asarray(grid.convert("RGB")), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: wandb.Image(grid)}, step=step)
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
