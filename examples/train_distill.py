@@ -124,7 +124,14 @@ def push(args) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    try:
+        return distill(parse_args(argv))
+    except training.NonFiniteLossError as error:  # every process sees the same reduced loss, so all stop here
+        sys.exit(f"error: {error}")
+
+
+def distill(args) -> dict:
+    """Validate, then run every stage; returns the per-stage history."""
     # 1. check everything before writing anything
     try:
         teacher, scheduler_config, dataset = validate(args)
@@ -152,6 +159,8 @@ def main(argv=None) -> dict:
 
     # 3. resume: which stage, which update, the teacher of that stage
     progress = {"stage": 0, "step": 0, "global_step": 0, "teacher_prediction_type": scheduler_config["prediction_type"], "history": []}
+    if accelerator.is_main_process:
+        training.sweep_leftovers(output_dir)  # temp folders of a killed run
     checkpoint = training.find_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         progress = training.read_progress(checkpoint)
@@ -213,7 +222,7 @@ def main(argv=None) -> dict:
                     loss = loss_fn(RawOutput(student), RawOutput(teacher), images,
                                    training.rank_slice(noise, rank, per_process).to(device),
                                    training.rank_slice(grid_indices, rank, per_process)).mean()
-                    training.check_finite(loss, progress["global_step"] + 1, output_dir)
+                    training.check_finite(accelerator.reduce(loss.detach(), "sum"), progress["global_step"] + 1, output_dir)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
@@ -241,6 +250,7 @@ def main(argv=None) -> dict:
         teacher = student.eval().requires_grad_(False)
         scheduler_config = {**scheduler_config, "prediction_type": args.prediction_type}
         row = {"stage": f"{2 * num_steps} -> {num_steps}", "steps": num_steps, "updates": args.iterations_per_stage,
+               "global_batch": global_batch * args.gradient_accumulation_steps,
                "time_s": round(time.time() - stage_start, 1),
                "first_loss": training.mean_or_nan(losses[:10]), "final_loss": training.mean_or_nan(losses[-10:]),
                "student": str(output_dir / f"student-{num_steps}steps")}

@@ -123,3 +123,15 @@ def test_save_is_atomic_and_replaces(tmp_path, monkeypatch):
         save_student(folder, tiny_unet(seed=2), scheduler, 4)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temp folder left, old student intact
     assert (folder / "note.txt").read_bytes() == b"first"
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    """Temp names come from mkstemp/mkdtemp (0600/0700); the published student must be readable like any file."""
+    import os
+    import stat
+
+    folder = tmp_path / "student"
+    save_student(folder, tiny_unet(), ProgressiveDistillationScheduler(prediction_type="v_prediction"), 4)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask

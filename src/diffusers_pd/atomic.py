@@ -10,6 +10,18 @@ from typing import Iterator, Union
 PathLike = Union[str, os.PathLike]
 
 
+def _umask() -> int:
+    """The process umask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool) -> None:
+    """Give a temp file/folder the permissions a plain open()/mkdir() would have (mkstemp/mkdtemp use 0600/0700)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_directory(path: PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it is renamed to `path` (replacing it if `overwrite`)."""
@@ -20,6 +32,7 @@ def atomic_directory(path: PathLike, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, directory=True)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{os.getpid()}"
@@ -42,6 +55,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        _publish_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -245,6 +245,7 @@ def save_checkpoint(
     total_limit: Optional[int] = None,
 ) -> Path:
     """Write output_dir/checkpoint-{global_step} atomically (every process calls this); prune to total_limit."""
+    check_finite_weights({name: accelerator.unwrap_model(m) for name, m in models.items()}, global_step)
     final = Path(output_dir) / f"checkpoint-{global_step}"
     tmp = Path(output_dir) / f".checkpoint-{global_step}.tmp"
     if accelerator.is_main_process:
@@ -334,18 +335,35 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or inf."""
+    """The loss (or the weights) became NaN or inf."""
 
 
 def check_finite(loss: torch.Tensor, step: int, output_dir) -> None:
-    """Stop with the step number and the last good checkpoint if the loss is NaN or inf."""
+    """Stop with the update number and the checkpoints to go back to if the loss is NaN or inf."""
     if not torch.isfinite(loss).all():
         found = list_checkpoints(output_dir)
-        last = found[-1] if found else "none yet"
+        kept = ", ".join(p.name for p in found) if found else "none yet"
         raise NonFiniteLossError(
-            f"Loss is {loss.item()} at update {step}: stopping. Last good checkpoint: {last}. "
-            "Lower --learning_rate or --max_grad_norm, or check the data, then --resume_from_checkpoint latest."
+            f"Loss is {loss.item()} at update {step}: stopped, nothing written after it. Checkpoints (all with finite "
+            f"weights): {kept} in {output_dir}. The newest may already be diverging and replays the same data: restart "
+            "from it or an earlier one with a lower --learning_rate or --max_grad_norm (or check the data)."
         )
+
+
+def check_finite_weights(models: Dict[str, torch.nn.Module], step: int) -> None:
+    """Refuse to checkpoint NaN or inf weights, so every checkpoint on disk is one to go back to."""
+    for name, module in models.items():
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise NonFiniteLossError(f"The {name} weights are NaN or inf at update {step}: checkpoint not written.")
+
+
+def sweep_leftovers(output_dir) -> None:
+    """Delete hidden temporary folders a killed run left behind (`.checkpoint-N.tmp`, `.X.deleting`, `.X.tmp-*`)."""
+    path = Path(output_dir)
+    if path.is_dir():
+        for leftover in path.glob(".*"):
+            if leftover.is_dir() and (".tmp" in leftover.name or leftover.name.endswith(".deleting") or ".old-" in leftover.name):
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def mean_or_nan(values: List[float]) -> float:

@@ -1,0 +1,389 @@
+"""Robustness of examples/train_distill.py end to end: SIGKILL + exact resume, 2 processes = 1 process, Hub push
+during training (and a failed one), bad input refused before anything is written, NaN loss stops cleanly.
+
+Every run is the real script in a subprocess on a tiny eps-prediction T=1000 teacher (tests/conftest.py), the
+offline `digits` data set at 8x8, a few updates per stage, one thread per process. The real Hub is never
+contacted: HF_HUB_OFFLINE=1, and HF_ENDPOINT is a closed loopback port, or the stand-in of tests/hub_standin.py.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import save_tiny_teacher, tiny_unet
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_standin import run_standin  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_distill.py"
+TOKEN = "hf_pd_robustness_TOKEN_never_written_3b9e51"
+TINY = ["--dataset_name", "digits", "--report_to", "none", "--num_grid_images", "1", "--seed", "3"]
+UNET_WEIGHTS = Path("unet") / "diffusion_pytorch_model.safetensors"
+
+LOAD_AND_SAMPLE = """
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+
+images = {}
+for key, source, revision, steps in json.loads(sys.argv[1]):
+    pipe = DiffusionPipeline.from_pretrained(source, revision=revision)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    images[key] = pipe(batch_size=2, generator=generator, num_inference_steps=steps, output_type="np").images
+np.savez(sys.argv[2], **images)
+"""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def script_env(hf_home: Path, hub_url: str | None = None, **extra) -> dict:
+    """A subprocess environment with no inherited HF_* variable, one thread, and no way to the real Hub."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update(HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+               OMP_NUM_THREADS="1", NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+    if hub_url is None:
+        env.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")  # a closed port: nothing is ever reached
+    else:
+        env["HF_ENDPOINT"] = hub_url
+    env.update(extra)
+    return env
+
+
+def distill_command(*args) -> list:
+    return [sys.executable, str(SCRIPT), *map(str, args)]
+
+
+def run(command: list, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(part) for part in command], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def unet_weights(folder: Path) -> dict:
+    return load_file(folder / UNET_WEIGHTS)
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def checkpoint_folders(output_dir: Path) -> list:
+    return sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
+
+
+def files_of(folder: Path, skip=(".hub_push.json",)) -> dict:
+    """{relative path: bytes} of every file under folder, except `skip` names."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: (mtime_ns, bytes or None for a folder)} of everything under folder."""
+    return {p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict:
+    """Teacher folders: the tiny eps T=1000 pipeline, a text-conditioned pipeline, a 4-channel UNet2DModel pipeline."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("teachers")
+    folders = {"eps": save_tiny_teacher(root / "eps")}
+    # A Stable-Diffusion-like folder: model_index.json + unet/ (a UNet2DConditionModel) + scheduler/.
+    torch.manual_seed(0)
+    conditional = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2,
+    )
+    conditional.save_pretrained(root / "conditional" / "unet")
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(root / "conditional" / "scheduler")
+    model_index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.0",
+                   "unet": ["diffusers", "UNet2DConditionModel"], "scheduler": ["diffusers", "DDPMScheduler"]}
+    (root / "conditional" / "model_index.json").write_text(json.dumps(model_index))
+    folders["conditional"] = root / "conditional"
+    four = DDPMPipeline(unet=tiny_unet(0, in_channels=4, out_channels=4), scheduler=DDPMScheduler(num_train_timesteps=1000))
+    four.save_pretrained(root / "four_channels")
+    folders["four_channels"] = root / "four_channels"
+    return folders
+
+
+# ----------------------------------------------------------------------------------------------- 1. SIGKILL + resume
+def poll_until(process: subprocess.Popen, output_dir: Path, done, interval: float = 0.002) -> None:
+    """Poll output_dir until done() is true, checking on every look that a visible checkpoint-* is complete and,
+    once one has appeared, that at least one complete checkpoint is always there; fail if the run ends first."""
+    seen_one = False
+    while not done():
+        folders = checkpoint_folders(output_dir) if output_dir.is_dir() else []
+        for folder in folders:  # renamed away between the listing and this look is fine; half there is not
+            assert (folder / "progress.json").is_file() or not folder.exists(), f"incomplete {folder}"
+        seen_one = seen_one or bool(folders)
+        assert folders or not seen_one, "no complete checkpoint left while training"
+        assert process.poll() is None, "the run ended before the planned kill: give it more updates"
+        time.sleep(interval)
+
+
+def latest_step(output_dir: Path) -> int:
+    """Global step of the newest checkpoint-* folder (0 if none)."""
+    folders = checkpoint_folders(output_dir)
+    return int(folders[-1].name.split("-")[1]) if folders else 0
+
+
+def test_sigkilled_run_resumes_to_the_same_students(teachers, tmp_path):
+    common = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 6,
+              "--train_batch_size", 4, "--ema_decay", 0.9]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    env = script_env(tmp_path / "hf_home")
+    # B checkpoints at updates 2, 4, 6 (the stage boundary), 8 and 10 of 12, keeping only the newest.
+    resumable = [*common, "--output_dir", out_b, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1]
+    rng = random.Random()
+    kill_after, delay = rng.choice([1, 2, 3]), rng.uniform(0.0, 0.1)
+    print(f"first kill {delay:.2f} s after checkpoint number {kill_after} appears")
+    started = []
+
+    def start(*args):
+        with open(tmp_path / f"run-{len(started)}.log", "w") as log:  # a file, not a pipe nobody reads
+            started.append(subprocess.Popen(distill_command(*args), env=env, stdout=log, stderr=subprocess.STDOUT))
+        return started[-1]
+
+    def sigkill(process):
+        assert process.poll() is None, "the run ended before the planned kill"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+
+    try:
+        run_a = start(*common, "--output_dir", out_a)  # uninterrupted, alongside B's first attempt
+        # B, attempt 1: SIGKILL at a random moment after its first, second or third checkpoint.
+        seen = set()
+
+        def enough_checkpoints():
+            seen.update(p.name for p in checkpoint_folders(out_b) if (p / "progress.json").is_file())
+            return len(seen) >= kill_after
+
+        process = start(*resumable)
+        poll_until(process, out_b, enough_checkpoints)
+        time.sleep(delay)
+        sigkill(process)
+        assert not (out_b / "summary.json").exists()
+        latest = latest_step(out_b)
+        assert latest > 0
+
+        # B, attempt 2: resume, and SIGKILL again the moment a checkpoint is being written (or, failing that, has been).
+        process = start(*resumable, "--resume_from_checkpoint", "latest")
+        poll_until(process, out_b, lambda: any(out_b.glob(".checkpoint-*.tmp")) or latest_step(out_b) > latest, 0.0005)
+        sigkill(process)
+        print(f"second kill with {sorted(p.name for p in out_b.iterdir())}")
+        assert not (out_b / "summary.json").exists()
+
+        # B, attempt 3: resume to the end.
+        final = run(distill_command(*resumable, "--resume_from_checkpoint", "latest"), env)
+        assert final.returncode == 0, final.stderr[-4000:]
+        assert run_a.wait(timeout=300) == 0, (tmp_path / "run-0.log").read_text()[-4000:]
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+    teacher = load_file(teachers["eps"] / UNET_WEIGHTS)
+    for steps in (4, 2):
+        a, b = unet_weights(out_a / f"student-{steps}steps"), unet_weights(out_b / f"student-{steps}steps")
+        assert max_abs_diff(a, b) <= 1e-6, steps
+        assert max_abs_diff(a, teacher) > 1e-4  # the students really trained: equality is not vacuous
+    assert [row["steps"] for row in json.loads((out_b / "summary.json").read_text())] == [4, 2]
+    # --checkpoints_total_limit 1: only the newest checkpoint (update 10 of 12) is left, and it is complete.
+    assert [p.name for p in checkpoint_folders(out_b)] == ["checkpoint-10"]
+    assert json.loads((out_b / "checkpoint-10" / "progress.json").read_text())["global_step"] == 10
+    assert {"progress.json", "student.safetensors", "teacher.safetensors", "optimizer.pt", "ema.pt"} <= {
+        p.name for p in (out_b / "checkpoint-10").iterdir()}
+
+
+# ----------------------------------------------------------------------------------------------- 2. two processes
+def test_two_cpu_processes_train_the_same_students_as_one_with_the_global_batch(teachers, tmp_path):
+    # Adam's first updates are ~ lr * sign(g): float noise in a near-zero gradient component (a different reduction
+    # order: two half-batch means averaged by gloo vs one mean) then moves that weight by up to 2 lr. Measured with
+    # the default eps=1e-8, even one process with 1 vs 2 threads differs by ~1% of the total weight change. So this
+    # test uses eps=1 (updates linear in g, lr raised to match): then 2 processes vs 1 differ by ~1e-7 absolute
+    # (~1e-6 of the total change), the same as 1 vs 2 threads, while a wrong global batch differs by ~1e-2 (~70%).
+    common = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 5,
+              "--checkpointing_steps", 3, "--ema_decay", 0.9, "--adam_epsilon", 1, "--learning_rate", 0.1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = script_env(tmp_path / "hf_home", GLOO_SOCKET_IFNAME="lo")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    multi = run([*torchrun, str(SCRIPT), *map(str, common), "--train_batch_size", 4, "--output_dir", two],
+                {**env, "ACCELERATE_USE_CPU": "1"})
+    assert multi.returncode == 0, multi.stderr[-4000:]
+    single = run(distill_command(*common, "--train_batch_size", 8, "--output_dir", one), env)
+    assert single.returncode == 0, single.stderr[-4000:]
+
+    teacher = load_file(teachers["eps"] / UNET_WEIGHTS)
+    for steps in (4, 2):
+        a, b = unet_weights(one / f"student-{steps}steps"), unet_weights(two / f"student-{steps}steps")
+        difference = torch.cat([(a[k] - b[k]).flatten() for k in a])
+        change = torch.cat([(a[k] - teacher[k]).flatten() for k in a])
+        assert difference.abs().max() <= 1e-6 and difference.norm() <= 1e-4 * change.norm(), steps
+    # Only the main process writes: the same files as one process, plus rank 1's RNG state in each checkpoint.
+    expected = set(files_of(one)) | {f"{p.name}/random_states_1.pt" for p in checkpoint_folders(one)}
+    assert set(files_of(two)) == expected
+    assert multi.stdout.count("Progressive distillation of") == 1
+
+
+def test_torchrun_on_cpu_without_accelerate_cpu_refuses_to_start(teachers, tmp_path):
+    """Plain torchrun on a CPU machine: accelerate sees 1 process in each, which would race on one output_dir."""
+    out = tmp_path / "out"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = run([*torchrun, str(SCRIPT), *TINY, "--teacher", str(teachers["eps"]), "--start_steps", "8",
+                  "--end_steps", "2", "--iterations_per_stage", "2", "--output_dir", str(out)],
+                 script_env(tmp_path / "hf_home", GLOO_SOCKET_IFNAME="lo"))
+    assert result.returncode != 0
+    assert "2 processes were launched (WORLD_SIZE=2) but accelerate runs 1" in result.stderr
+    assert "ACCELERATE_USE_CPU=1" in result.stderr
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------- 3. Hub push
+def test_students_pushed_during_training_load_back_and_a_failed_push_is_retried(teachers, tmp_path):
+    out, hf_home, repo_id = tmp_path / "out", tmp_path / "hf_home", "pd-user/students"
+    outputs = []
+    with run_standin(token=TOKEN) as server:
+        env = script_env(hf_home, hub_url=server.url, HF_TOKEN=TOKEN)
+        # The 4-step student's branch commit fails twice: at its own stage and at the 2-step stage's catch-up push.
+        server.fail_commits(count=2, repo_id=repo_id, revision="student-4steps")
+        train = run(distill_command(*TINY, "--report_to", "tensorboard", "--teacher", teachers["eps"], "--start_steps", 16,
+                                    "--end_steps", 2, "--iterations_per_stage", 2, "--train_batch_size", 4,
+                                    "--checkpointing_steps", 1, "--output_dir", out, "--push_to_hub",
+                                    "--hub_model_id", repo_id, "--hub_token", TOKEN), env)
+        outputs += [train.stdout, train.stderr]
+        assert train.returncode == 0, train.stderr[-4000:]  # every stage finished despite the failed pushes
+        retry = f"python -m diffusers_pd.hub push {out} --hub_model_id {repo_id}"
+        assert re.search(rf"Could not push {re.escape(str(out / 'student-4steps'))} to Hub repo {repo_id} "
+                         r"\(branch student-4steps\): .*507.*The student is safe on disk; retry with: " + re.escape(retry),
+                         train.stderr)
+        assert f"2 push(es) failed; the students are safe locally. Retry without retraining:\n  {retry}" in train.stdout
+        summary = json.loads((out / "summary.json").read_text())
+        assert [(row["steps"], row["hub"]) for row in summary] == [(8, "pushed"), (4, "push failed"), (2, "push failed")]
+        repo = server.repos[repo_id]
+        assert repo.commits[repo.branches["main"]] == repo.commits[repo.branches["student-8steps"]]  # newest so far
+        students = {n: out / f"student-{n}steps" for n in (8, 4, 2)}
+        before_retry = {n: files_of(folder) for n, folder in students.items()}
+
+        cli = run([sys.executable, "-m", "diffusers_pd.hub", "push", out, "--hub_model_id", repo_id], env)
+        outputs += [cli.stdout, cli.stderr]
+        assert cli.returncode == 0, cli.stderr[-4000:]
+        assert "Pushed 2 student(s)" in cli.stderr
+        assert {n: files_of(folder) for n, folder in students.items()} == before_retry  # local students intact
+        for n, folder in students.items():
+            branch = dict(repo.commits[repo.branches[f"student-{n}steps"]])
+            branch.pop(".gitattributes")
+            assert branch == before_retry[n]  # exactly the local folder, byte for byte
+            assert {"model_index.json", "README.md", UNET_WEIGHTS.as_posix()} <= set(branch)
+        assert repo.commits[repo.branches["main"]] == repo.commits[repo.branches["student-2steps"]]  # main: newest
+
+        # Every student loads back from its branch (main = the newest) and samples what the local folder samples.
+        plan = [[f"hub-{n}", repo_id, f"student-{n}steps", n] for n in (8, 4, 2)] + [["hub-main", repo_id, None, 2]]
+        plan += [[f"local-{n}", str(folder), None, n] for n, folder in students.items()]
+        images_file = tmp_path / "images.npz"
+        load = run([sys.executable, "-c", LOAD_AND_SAMPLE, json.dumps(plan), str(images_file)], env)
+        outputs += [load.stdout, load.stderr]
+        assert load.returncode == 0, load.stderr[-4000:]
+    images = np.load(images_file)
+    for n in (8, 4, 2):
+        np.testing.assert_allclose(images[f"hub-{n}"], images[f"local-{n}"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(images["hub-main"], images["local-2"], rtol=0, atol=1e-6)
+    assert np.abs(images["local-4"] - images["local-2"]).max() > 1e-3  # loading the wrong branch could not pass
+
+    assert any((out / "logs").rglob("events.out.tfevents.*"))
+    for text in outputs:
+        assert TOKEN not in text
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+
+
+# ----------------------------------------------------------------------------------------------- 4. bad input
+BAD_INPUTS = {
+    "missing_teacher": (["--teacher", "{tmp}/no_such_teacher"],
+                        r"Cannot read a teacher at .*no_such_teacher.*: pass a Hub id or folder holding a pipeline"),
+    "conditional_unet": (["--teacher", "{conditional}"],
+                         r"unet is a UNet2DConditionModel, not a UNet2DModel: .*unconditional UNet2DModel teachers"),
+    "no_image_column": (["--image_column", "nope"],
+                        r"image column 'nope' not found; columns are \['image', 'label'\]: pass one with `--image_column`"),
+    "four_channels": (["--teacher", "{four_channels}"], r"the UNet has 4 input channels: .*only 1- or 3-channel UNets"),
+    "resolution": (["--resolution", "16"], r"--resolution 16 differs from the teacher's sample_size 8: drop it or pass 8"),
+    "not_a_halving_chain": (["--start_steps", "12", "--end_steps", "4"],
+                            r"--start_steps 12 must be a power-of-two multiple \(>= 2x\) of --end_steps 4"),
+    "more_steps_than_timesteps": (["--start_steps", "1024", "--end_steps", "4"],
+                                  r"needs 2 x 1024 distinct timesteps .*num_train_timesteps=1000; use --start_steps 500 or less"),
+    "non_empty_output_dir": ([], r"--output_dir .* exists and is not empty: pass --resume_from_checkpoint latest .*"
+                                 r"--overwrite_output_dir"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_once_clearly_before_writing_anything(case, teachers, tmp_path):
+    extra, message = BAD_INPUTS[case]
+    places = {"tmp": tmp_path, **teachers}
+    extra = [arg.format(**places) for arg in extra]
+    out = tmp_path / "out"
+    if case == "non_empty_output_dir":
+        (out / "student-4steps").mkdir(parents=True)
+        (out / "student-4steps" / "model_index.json").write_text("{}")
+        (out / "notes.txt").write_text("an earlier run")
+    before = snapshot(out) if out.exists() else None
+    args = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 2,
+            "--train_batch_size", 4, "--output_dir", out, *extra]  # a later --teacher overrides the first
+    result = run(distill_command(*args), script_env(tmp_path / "hf_home"))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "stage 1/" not in result.stderr + result.stdout
+    if before is None:
+        assert not out.exists()
+    else:
+        assert snapshot(out) == before
+
+
+# ----------------------------------------------------------------------------------------------- 5. NaN loss
+def test_non_finite_loss_stops_with_the_update_and_keeps_the_last_checkpoint(teachers, tmp_path):
+    # lr 1e12 without clipping: Adam's first update moves every weight by ~1e12, so the next forward overflows.
+    out = tmp_path / "out"
+    result = run(distill_command(*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2,
+                                 "--iterations_per_stage", 4, "--train_batch_size", 4, "--learning_rate", 1e12,
+                                 "--max_grad_norm", 0, "--checkpointing_steps", 1, "--checkpoints_total_limit", 1,
+                                 "--output_dir", out), script_env(tmp_path / "hf_home"))
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    match = re.search(r"Loss is (nan|inf|-inf) at update (\d+): stopped, nothing written after it\. "
+                      r"Checkpoints \(all with finite weights\): (checkpoint-\d+) in (.+?)\. .*lower --learning_rate", errors[0])
+    assert match, errors[0]
+    update, checkpoint = int(match[2]), Path(match[4]) / match[3]
+    assert update >= 2  # the blow-up came after a checkpoint existed
+    assert checkpoint == out / f"checkpoint-{update - 1}"
+    assert checkpoint_folders(out) == [checkpoint]  # nothing written at or after the failing update
+    assert json.loads((checkpoint / "progress.json").read_text())["global_step"] == update - 1
+    assert {"progress.json", "student.safetensors", "teacher.safetensors", "optimizer.pt", "random_states_0.pt"} <= {
+        p.name for p in checkpoint.iterdir()}
+    for name in ("student", "teacher"):
+        assert all(torch.isfinite(w).all() for w in load_file(checkpoint / f"{name}.safetensors").values())
+    assert not list(out.glob("student-*")) and not (out / "summary.json").exists()
+
+
+def test_resume_sweeps_temp_folders_of_a_killed_run(tmp_path):
+    """Hidden temp folders left by a kill (`.checkpoint-N.tmp`, `.X.deleting`, `.student-*.tmp-*`) are removed."""
+    from diffusers_pd.training import sweep_leftovers
+
+    for name in (".checkpoint-4.tmp", ".checkpoint-2.deleting", ".student-4steps.tmp-abc", "checkpoint-6", ".keep"):
+        (tmp_path / name).mkdir()
+    sweep_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "checkpoint-6"]
