@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -156,6 +156,7 @@ def distill(args) -> dict:
         output_dir.mkdir(parents=True, exist_ok=True)
         accelerator.init_trackers("train_distill", config=training.loggable_config(args))
     device = accelerator.device
+    set_seed(args.seed)  # dropout and anything else on the global RNGs (restored from a checkpoint on resume)
 
     # 3. resume: which stage, which update, the teacher of that stage
     progress = {"stage": 0, "step": 0, "global_step": 0, "teacher_prediction_type": scheduler_config["prediction_type"], "history": []}
@@ -200,7 +201,8 @@ def distill(args) -> dict:
         sampler = training.GlobalBatchSampler(len(dataset), args.train_batch_size, accelerator.process_index,
                                               accelerator.num_processes, args.seed, start=first_micro_step)
         batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
-                                                   collate_fn=collate_pixel_values))
+                                                   collate_fn=collate_pixel_values,  # its own generator: creating the
+                                                   generator=torch.Generator().manual_seed(args.seed)))  # iterator must not consume the global RNG (dropout)
         bar = tqdm(total=args.iterations_per_stage, initial=resume_step, disable=not accelerator.is_local_main_process,
                    desc=f"stage {stage + 1}/{len(stages)}: {2 * num_steps} -> {num_steps} steps")
         stage_start, losses = time.time(), []
