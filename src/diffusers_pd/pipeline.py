@@ -105,3 +105,13 @@ def sample_grid(unet: UNet2DModel, scheduler_config, num_steps: int, num_images:
     unet.train(was_training)
     rows = max(1, int(num_images**0.5))
     return make_image_grid(images[: rows * (num_images // rows)], rows=rows, cols=num_images // rows)
+
+
+@torch.no_grad()
+def fidelity_to_reference(unet: UNet2DModel, scheduler_config, num_steps: int, latents: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean squared distance between `num_steps`-step DDIM samples from `latents` and `reference` samples of them."""
+    was_training = unet.training
+    unet.eval()
+    samples = denoise(unet, ProgressiveDistillationScheduler.from_config(scheduler_config), latents, num_steps)
+    unet.train(was_training)
+    return (samples.float() - reference.float()).pow(2).mean().item()

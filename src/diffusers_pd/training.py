@@ -79,6 +79,8 @@ def add_output_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or `latest`.")
     group.add_argument("--num_grid_images", type=int, default=16, help="Images in each samples.png grid.")
+    group.add_argument("--num_validation_samples", type=int, default=64,
+                       help="Fixed noises on which each student is compared with the teacher (0: off).")
     group.add_argument("--push_to_hub", action="store_true")
     group.add_argument("--hub_model_id", type=str, default=None)
     group.add_argument("--hub_token", type=str, default=None, help="Default: HF_TOKEN or your `hf auth login` token.")
