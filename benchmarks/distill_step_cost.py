@@ -8,6 +8,8 @@ median times and ratios, all measured in one interleaved run; also peak memory w
 
 import argparse
 import copy
+import subprocess
+import sys
 
 import torch
 
@@ -44,6 +46,22 @@ class Step:
         loss.mean().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def peak_rss_growth_mib(variant: str, model: str, batch_size: int) -> float:
+    """Peak RSS above the pre-step RSS over 3 steps of `variant`, in a fresh process (Linux; CUDA has its own counter)."""
+    code = (
+        "import sys, torch; sys.path.insert(0, 'benchmarks');"
+        "import distill_step_cost as b, copy; from common import benchmark_unet;"
+        f"t = benchmark_unet('{model}').eval().requires_grad_(False); x = torch.rand({batch_size}, 3, 32, 32) * 2 - 1;"
+        f"step = b.Step(copy.deepcopy(t).train().requires_grad_(True), t, x, 8, distill={variant == 'distill'});"
+        "import gc, re; gc.collect(); kib = lambda k: int(re.search(k + r':\\s+(\\d+)', open('/proc/self/status').read())[1]);"
+        "open('/proc/self/clear_refs', 'w').write('5'); base = kib('VmRSS');"  # '5' resets the peak (VmHWM)
+        "[step() for _ in range(3)];"
+        "print((kib('VmHWM') - base) / 1024)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -92,11 +110,20 @@ def main():
         print(f"| {name} | {seconds * 1e3:.1f} | {seconds / train:.2f} |")
     print(f"\nfloor 1 + 2 x forward / train step = {floor:.2f}")
     if device.type == "cuda":
+        peaks = {}
         for name in ("train step (plain)", "distill step, teacher no_grad"):
             torch.cuda.reset_peak_memory_stats(device)
             variants[name]()
             torch.cuda.synchronize()
-            print(f"peak memory, {name}: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+            peaks[name] = torch.cuda.max_memory_allocated(device) / 2**20
+        label = "peak CUDA memory allocated"
+    else:
+        peaks = {"train step (plain)": peak_rss_growth_mib("plain", args.model, args.batch_size),
+                 "distill step, teacher no_grad": peak_rss_growth_mib("distill", args.model, args.batch_size)}
+        label = "peak RSS growth over 3 steps"
+    for name, mib in peaks.items():
+        print(f"{label}, {name}: {mib:.0f} MiB")
+    print(f"peak memory ratio, distill / train: {peaks['distill step, teacher no_grad'] / peaks['train step (plain)']:.2f}")
 
 
 if __name__ == "__main__":
