@@ -15,15 +15,13 @@ package. With no arguments it runs an offline CPU demo: the committed reference 
 import argparse
 import copy
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -153,20 +151,10 @@ def distill(args) -> dict:
     output_dir = Path(args.output_dir)
 
     # 2. accelerate, trackers, logging
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=training.resolve_report_to(args.report_to),
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-    )
     try:
-        training.check_process_count(accelerator.num_processes)
+        accelerator = training.make_accelerator(args, "train_distill")
     except ValueError as error:
         sys.exit(f"error: {error}")
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        accelerator.init_trackers("train_distill", config=training.loggable_config(args))
     device = accelerator.device
     set_seed(args.seed)  # dropout and anything else on the global RNGs (restored from a checkpoint on resume)
 
@@ -174,8 +162,6 @@ def distill(args) -> dict:
     progress = {"stage": 0, "step": 0, "global_step": 0, "teacher_prediction_type": scheduler_config["prediction_type"], "history": []}
     # the original teacher's samples at start_steps (the target of every stage) and its DDIM at each N, on fixed noise
     validation = validation_references(teacher.to(device), scheduler_config, stages, args) if accelerator.is_main_process else None
-    if accelerator.is_main_process:
-        training.sweep_leftovers(output_dir)  # temp folders of a killed run
     checkpoint = training.find_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         progress = training.read_progress(checkpoint)

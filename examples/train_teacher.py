@@ -19,7 +19,6 @@ batch (`train_batch_size` x processes x `gradient_accumulation_steps`).
 
 import argparse
 import json
-import logging
 import math
 import os
 import shlex
@@ -28,9 +27,8 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel
 from huggingface_hub import ModelCard
@@ -330,21 +328,10 @@ def train(args, argv) -> int:
     teacher_dir = Path(args.teacher_dir or output_dir / "teacher")
 
     # 2. accelerate, trackers, logging
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=training.resolve_report_to(args.report_to),
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
-    )
-    try:  # e.g. torchrun on CPU without ACCELERATE_USE_CPU: K separate runs into one output_dir
-        training.check_process_count(accelerator.num_processes)
+    try:
+        accelerator = training.make_accelerator(args, "train_teacher")
     except ValueError as error:
         sys.exit(f"error: {error}")
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        training.sweep_leftovers(output_dir)  # temporary folders of a killed run
-        accelerator.init_trackers("train_teacher", config=training.loggable_config(args))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # 3. schedule, loss, model, optimizer, EMA; resume from a checkpoint

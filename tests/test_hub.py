@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline, UNet2DModel
+from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline
 from PIL import Image
 
 import diffusers_pd.hub as hub
 from diffusers_pd.hub import HubPushError, folder_digest, is_pushed, read_marker, student_branch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_unet  # noqa: E402
 from hub_standin import run_standin  # noqa: E402
 
 TOKEN = "hf_standin_TOKEN_that_must_never_leak_7c41e9"
@@ -70,18 +71,8 @@ print(json.dumps(errors))
 
 
 def tiny_student(num_steps: int) -> DDPMPipeline:
-    """A tiny random UNet (seeded by `num_steps`) with a trailing v-prediction DDIM scheduler."""
-    torch.manual_seed(num_steps)
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-    )
+    """A tiny random UNet (seeded by `num_steps`, from conftest) with a trailing v-prediction DDIM scheduler."""
+    unet = tiny_unet(seed=num_steps)
     scheduler = DDIMScheduler(clip_sample=False, timestep_spacing="trailing", prediction_type="v_prediction")
     return DDPMPipeline(unet=unet, scheduler=scheduler)
 

@@ -106,6 +106,32 @@ def loggable_config(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in config.items()}
 
 
+# ----------------------------------------------------------------------------------------------- setup
+def make_accelerator(args: argparse.Namespace, project_name: str):
+    """The Accelerator of a training script: precision, accumulation, trackers, logging; the main process creates
+    output_dir, sweeps a killed run's temporary folders and starts the trackers (never with the Hub token).
+
+    Raises ValueError (before anything is written) if processes were launched that accelerate does not see.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=resolve_report_to(args.report_to),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    check_process_count(accelerator.num_processes)  # e.g. torchrun on CPU without ACCELERATE_USE_CPU
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        sweep_leftovers(output_dir)
+        accelerator.init_trackers(project_name, config=loggable_config(args))
+    return accelerator
+
+
 # ----------------------------------------------------------------------------------------------- checks
 def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) -> None:
     """Refuse an existing non-empty output_dir unless resuming or overwriting (one line naming the fix)."""
