@@ -1,5 +1,6 @@
 """Shared pieces of the speed benchmarks: the benchmark model, interleaved timing, machine description."""
 
+import argparse
 import platform
 import statistics
 import time
@@ -7,6 +8,16 @@ from typing import Callable, Dict
 
 import torch
 from diffusers import UNet2DModel
+
+
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments every speed benchmark takes: device, model size, batch size, repeats."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="small", choices=["small", "cifar"])
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=20)
+    return parser
 
 
 def benchmark_unet(size: str = "small") -> UNet2DModel:

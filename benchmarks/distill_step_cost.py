@@ -6,14 +6,13 @@ The floor is 1 + 2 x (teacher forward / training step): about 1.65 for an fp32 t
 median times and ratios, all measured in one interleaved run; also peak memory where CUDA is available.
 """
 
-import argparse
 import copy
 import subprocess
 import sys
 
 import torch
 
-from common import benchmark_unet, interleaved_medians, machine
+from common import benchmark_parser, benchmark_unet, interleaved_medians, machine
 from diffusers_pd import ProgressiveDistillationScheduler
 from diffusers_pd.loss import DiffusionLoss, ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 
@@ -65,11 +64,7 @@ def peak_rss_growth_mib(variant: str, model: str, batch_size: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default="small", choices=["small", "cifar"])
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--compile", action="store_true", help="Also measure torch.compile'd student and teacher.")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -6,22 +6,17 @@ Target: at most 1.05 for N in {1, 2, 4, 8}. Both our `ProgressiveDistillationPip
 `DDPMPipeline` that a saved student loads as are measured, all in one interleaved run.
 """
 
-import argparse
 import tempfile
 
 import torch
 from diffusers import DiffusionPipeline
 
-from common import benchmark_unet, interleaved_medians, machine
+from common import benchmark_parser, benchmark_unet, interleaved_medians, machine
 from diffusers_pd import ProgressiveDistillationPipeline, ProgressiveDistillationScheduler, initial_noise, save_student
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default="small", choices=["small", "cifar"])
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser = benchmark_parser(__doc__)
     args = parser.parse_args()
     device = torch.device(args.device)
     unet = benchmark_unet(args.model).to(device).eval()

@@ -29,18 +29,17 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.training_utils import EMAModel
 from huggingface_hub import ModelCard
 from tqdm.auto import tqdm
 
 from diffusers_pd import ProgressiveDistillationScheduler, __version__, cosine_trained_betas, training
-from diffusers_pd.atomic import atomic_directory, atomic_write_bytes, atomic_write_text
+from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text
 from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset
-from diffusers_pd.export import ddim_scheduler
+from diffusers_pd.export import ddim_scheduler, save_pipeline_folder
 from diffusers_pd.loss import DiffusionLoss, RawOutput, draw_noise_and_grid_indices
 from diffusers_pd.pipeline import sample_grid
-from diffusers_pd.scheduler import METADATA_KEY
 
 logger = get_logger(__name__)
 GRAYSCALE_DATASETS = ("digits", "fashion_mnist")
@@ -286,13 +285,9 @@ def model_card(args, where: str, command: str, parameters: int, cost: dict, fina
 
 def save_teacher(folder: Path, unet, scheduler_config, files: dict) -> None:
     """Write the teacher as a stock DDPMPipeline folder (deterministic trailing DDIM) with `files`, atomically."""
-    stock = ddim_scheduler(scheduler_config)
-    stock.register_to_config(**{METADATA_KEY: {"method": "teacher", "schedule": "cosine_logsnr", "logsnr_min": -20.0,
-                                               "logsnr_max": 20.0, "diffusers_pd_version": __version__}})
-    with atomic_directory(folder) as tmp:
-        DDPMPipeline(unet=unet, scheduler=stock).save_pretrained(tmp)
-        for name, data in files.items():
-            (Path(tmp) / name).write_bytes(data)
+    metadata = {"method": "teacher", "schedule": "cosine_logsnr", "logsnr_min": -20.0, "logsnr_max": 20.0,
+                "diffusers_pd_version": __version__}
+    save_pipeline_folder(folder, unet, ddim_scheduler(scheduler_config), metadata, files)
 
 
 def push_teacher(folder: Path, args) -> str:

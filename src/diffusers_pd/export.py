@@ -161,14 +161,18 @@ def save_student(
             "%s, which will mis-sample it (metadata stock_exact=false). Sample it with ProgressiveDistillationPipeline.",
             num_inference_steps, folder, type(stock).__name__,
         )
-    stock.register_to_config(**{METADATA_KEY: info})
-    with atomic_directory(folder) as tmp:
-        DDPMPipeline(unet=unet, scheduler=stock).save_pretrained(tmp)
-        card = ModelCard(model_card_text(info, card_repo_id or str(folder), card_training))
-        (Path(tmp) / "README.md").write_text(str(card), encoding="utf-8")
-        for name, data in (extra_files or {}).items():
-            (Path(tmp) / name).write_bytes(data)
+    card = ModelCard(model_card_text(info, card_repo_id or str(folder), card_training))
+    save_pipeline_folder(folder, unet, stock, info, {"README.md": str(card).encode("utf-8"), **(extra_files or {})})
     return info
+
+
+def save_pipeline_folder(folder: PathLike, unet, stock_scheduler, metadata: Dict[str, Any], files: Dict[str, bytes]) -> None:
+    """Atomically write a stock DDPMPipeline folder, `metadata` under `_diffusers_pd` of its scheduler config, `files`."""
+    stock_scheduler.register_to_config(**{METADATA_KEY: metadata})
+    with atomic_directory(folder) as tmp:
+        DDPMPipeline(unet=unet, scheduler=stock_scheduler).save_pretrained(tmp)
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
 
 
 MODEL_CARD = """---
