@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image_column", default=None)
     parser.add_argument("--num_reference", type=int, default=None, help="Reference images (default: the whole split).")
     parser.add_argument("--nfe", type=int, nargs="+", default=None, help="Teacher NFEs (default: the students' steps).")
+    parser.add_argument("--dpm_solver_nfe", type=int, nargs="*", default=None,
+                        help="NFEs of the DPM-Solver++(2M) rows (default: --nfe; none: no such rows).")
     parser.add_argument("--teacher_steps", type=int, default=256, help="Steps of the ceiling row (0: no ceiling).")
     parser.add_argument("--num_samples", type=int, default=10000)
     parser.add_argument("--batch_size", type=int, default=256)
@@ -71,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--inception_weights", default=None, help="FID Inception TorchScript file (default: package).")
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="Cache of reference statistics.")
     parser.add_argument("--data_cache_dir", default=None, help="`datasets` cache for Hub data sets.")
-    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--output_dir", required=True,
+                        help="Outputs; finished rows are kept in <output_dir>/rows/ and reused by a rerun with the same "
+                        "settings, so a killed run resumes and a rerun naming more rows only evaluates the new ones.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args(argv)
 
@@ -135,7 +139,8 @@ def build_rows(args, teacher: DiffusionPipeline, students: dict) -> list:
     nfes = sorted(set(args.nfe or student_nfe or DEFAULT_NFE))
     config = teacher.scheduler.config
     rows += [Row("teacher DDIM", args.teacher, n, teacher.unet, ddim(config)) for n in nfes]
-    rows += [Row("teacher DPM-Solver++(2M)", args.teacher, n, teacher.unet, dpm_solver_2m(config)) for n in nfes]
+    dpm_nfes = nfes if args.dpm_solver_nfe is None else sorted(set(args.dpm_solver_nfe))
+    rows += [Row("teacher DPM-Solver++(2M)", args.teacher, n, teacher.unet, dpm_solver_2m(config)) for n in dpm_nfes]
     if args.teacher_steps > 0:
         ceiling = Row("teacher DDIM (ceiling)", args.teacher, args.teacher_steps, teacher.unet, ddim(config), True)
         rows.append(ceiling)
@@ -234,6 +239,36 @@ def write_outputs(output_dir: str, config: dict, results: list) -> None:
     atomic_write_bytes(os.path.join(output_dir, "fid_vs_nfe.png"), plot_png(results))
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, dtypes, shapes and bytes, in order)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def row_key(row: Row, args, num_reference: int, inception_sha256: str, unet_sha256: str) -> dict:
+    """Everything a row's FID depends on: a finished row is reused only when all of it matches."""
+    return dict(
+        sampler=row.sampler, model=row.model, nfe=row.nfe, unet_sha256=unet_sha256,
+        scheduler=json.loads(json.dumps({type(row.scheduler).__name__: dict(row.scheduler.config)}, default=str)),
+        num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
+        reference=dict(dataset=dataset_key(args), split=args.split, num_reference=num_reference),
+        inception_sha256=inception_sha256,
+    )
+
+
+def load_finished_row(path: str, key: dict):
+    """The saved result of a row evaluated before with the same key, or None."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        saved = json.load(handle)
+    return saved["result"] if saved.get("key") == key else None
+
+
 def main(argv=None) -> None:
     """Evaluate every row and write the outputs."""
     args = parse_args(argv)
@@ -266,15 +301,25 @@ def main(argv=None) -> None:
     # 3. Sample every row from the same noise, FID against the reference, write after each row
     config = {**vars(args), "num_reference": num_reference, "inception_sha256": features.weights_sha256}
     results = []
+    unet_sha256 = {id(unet): weights_sha256(unet) for unet in {id(row.unet): row.unet for row in rows}.values()}
     for row in rows:
+        key = row_key(row, args, num_reference, features.weights_sha256, unet_sha256[id(row.unet)])
+        row_path = os.path.join(args.output_dir, "rows", f"{row.slug}.json")
+        finished = load_finished_row(row_path, key)
+        if finished is not None:
+            results.append(finished)
+            write_outputs(args.output_dir, config, results)
+            print(f"{row.sampler:28s} NFE {row.nfe:4d}  FID {finished['fid']:.2f}  (finished before: {row_path})")
+            continue
         keep = []
         batches = sample_batches(row, teacher.unet, args.num_samples, args.batch_size, args.seed, args.device, keep)
         statistics = feature_statistics(batches, features, total=args.num_samples, desc=f"{row.sampler}, NFE {row.nfe}")
         grid_path = os.path.join("samples", f"{row.slug}.png")
         atomic_write_bytes(os.path.join(args.output_dir, grid_path), grid_png(torch.cat(keep)))
         fid = fid_from_statistics(statistics, reference)
-        results.append(dict(sampler=row.sampler, model=row.model, nfe=row.nfe, fid=fid, ceiling=row.ceiling,
-                            samples=grid_path))
+        result = dict(sampler=row.sampler, model=row.model, nfe=row.nfe, fid=fid, ceiling=row.ceiling, samples=grid_path)
+        atomic_write_text(row_path, json.dumps({"key": key, "result": result}, indent=2))
+        results.append(result)
         write_outputs(args.output_dir, config, results)
         print(f"{row.sampler:28s} NFE {row.nfe:4d}  FID {fid:.2f}")
     print(markdown_table(results))

@@ -76,3 +76,39 @@ def test_evaluate_script_writes_every_row(tmp_path):
     table = (output_dir / "results.md").read_text().splitlines()
     assert len(table) == 2 + len(report["rows"]) and "| teacher DDIM | " in "\n".join(table)
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+
+
+def test_evaluate_script_reuses_finished_rows_and_adds_new_ones(tmp_path):
+    # A rerun into the same --output_dir reads back rows whose settings match (shown by a planted FID that a
+    # recomputation could not produce), computes only the new rows, and recomputes a row whose settings changed.
+    teacher_dir, output_dir = tmp_path / "teacher", tmp_path / "eval"
+    DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(**SCHEDULE)).save_pretrained(teacher_dir)
+    save_tiny_features(tmp_path / "features.pt")
+
+    def evaluate(*extra):
+        command = [
+            sys.executable, str(SCRIPT), "--teacher", str(teacher_dir), "--dataset_name", "digits", "--split",
+            "train", "--num_reference", "32", "--num_samples", "32", "--batch_size", "16", "--teacher_steps", "0",
+            "--device", "cpu", "--inception_weights", str(tmp_path / "features.pt"), "--cache_dir",
+            str(tmp_path / "cache"), "--output_dir", str(output_dir), *extra,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = json.loads((output_dir / "results.json").read_text())["rows"]
+        return {(row["sampler"], row["nfe"]): row["fid"] for row in rows}
+
+    first = evaluate("--nfe", "1", "--dpm_solver_nfe", "--seed", "0")
+    assert set(first) == {("teacher DDIM", 1)}  # an empty --dpm_solver_nfe: no DPM-Solver++ rows
+
+    (saved_path,) = (output_dir / "rows").glob("*.json")
+    saved = json.loads(saved_path.read_text())
+    saved["result"]["fid"] = 12345.0
+    saved_path.write_text(json.dumps(saved))
+
+    second = evaluate("--nfe", "1", "2", "--dpm_solver_nfe", "2", "--seed", "0")
+    assert set(second) == {("teacher DDIM", 1), ("teacher DDIM", 2), ("teacher DPM-Solver++(2M)", 2)}
+    assert second[("teacher DDIM", 1)] == 12345.0  # read back, not recomputed
+    assert math.isclose(second[("teacher DPM-Solver++(2M)", 2)], second[("teacher DDIM", 2)], rel_tol=1e-2)
+
+    third = evaluate("--nfe", "1", "--dpm_solver_nfe", "--seed", "1")  # other noise: the row is evaluated again
+    assert third[("teacher DDIM", 1)] != 12345.0 and math.isfinite(third[("teacher DDIM", 1)])
