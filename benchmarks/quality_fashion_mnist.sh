@@ -41,11 +41,14 @@ resume() { ls -d "$1"/checkpoint-* >/dev/null 2>&1 && echo "--resume_from_checkp
   --checkpointing_steps $((K / 2)) --checkpoints_total_limit 1 --num_validation_samples 64 --report_to none --seed 0 \
   --output_dir "$RUN/pd" $(resume "$RUN/pd")
 
-# 3. FID vs NFE: first the rows the targets need, then the rest of the table (finished rows are reused)
+# 3. FID vs NFE in order of need (each call reuses the rows already finished): the rows the targets need, the
+#    teacher at the students' NFEs, then 8 steps. DPM-Solver++(2M) at NFE 1 and 2 is DDIM, so it starts at 4.
 common=(--teacher "$RUN/teacher/teacher" --dataset_name fashion_mnist --split test --teacher_steps "$START_STEPS"
         --num_samples "$SAMPLES" --batch_size 250 --seed 0 --output_dir "$RUN/eval")
-python examples/evaluate.py "${common[@]}" --students "$RUN"/pd/student-{4,2,1}steps --nfe 4 --dpm_solver_nfe 8
-python examples/evaluate.py "${common[@]}" --students "$RUN"/pd/student-{8,4,2,1}steps --nfe 1 2 4 8 \
+students=("$RUN"/pd/student-{4,2,1}steps)
+python examples/evaluate.py "${common[@]}" --students "${students[@]}" --nfe 4 --dpm_solver_nfe 8
+python examples/evaluate.py "${common[@]}" --students "${students[@]}" --nfe 1 2 4 --dpm_solver_nfe 4 8
+python examples/evaluate.py "${common[@]}" --students "$RUN/pd/student-8steps" "${students[@]}" --nfe 1 2 4 8 \
   --dpm_solver_nfe 4 8
 
 # 4. the targets and the cost of distillation to 4 steps as a fraction of the teacher's training cost

@@ -13,7 +13,8 @@ Rows (every row starts from the same noise, drawn from `--seed`):
 FID is the standard FID (`diffusers_pd.evaluation`) against reference statistics of a data set split,
 computed once and cached in `--cache_dir`.
 
-Outputs in `--output_dir`: results.json, results.md, fid_vs_nfe.png, samples/<row>.png.
+Outputs in `--output_dir`: results.json, results.md, fid_vs_nfe.png, samples/<row>.png, and rows/<row>.json (one
+per finished row, keyed by everything its FID depends on: a rerun reuses matching rows and computes the rest).
 
 Example:
     python examples/evaluate.py --teacher runs/teacher --students runs/students/student-4 runs/students/student-1 \

@@ -123,7 +123,8 @@ class InceptionFeatures(nn.Module):
             )
         x = images.to(self.device, torch.float32).expand(-1, 3, -1, -1)
         x = resize_bilinear_tf1(x, INCEPTION_RESOLUTION)
-        return self.net((x - 128) / 128)
+        # channels_last: ~20% faster convolutions on CPU, features equal to ~1e-5
+        return self.net(((x - 128) / 128).contiguous(memory_format=torch.channels_last))
 
 
 def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
