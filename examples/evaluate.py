@@ -301,16 +301,19 @@ def main(argv=None) -> None:
 
     # 3. Sample every row from the same noise, FID against the reference, write after each row
     config = {**vars(args), "num_reference": num_reference, "inception_sha256": features.weights_sha256}
-    results = []
     unet_sha256 = {id(unet): weights_sha256(unet) for unet in {id(row.unet): row.unet for row in rows}.values()}
-    for row in rows:
-        key = row_key(row, args, num_reference, features.weights_sha256, unet_sha256[id(row.unet)])
-        row_path = os.path.join(args.output_dir, "rows", f"{row.slug}.json")
-        finished = load_finished_row(row_path, key)
-        if finished is not None:
-            results.append(finished)
-            write_outputs(args.output_dir, config, results)
-            print(f"{row.sampler:28s} NFE {row.nfe:4d}  FID {finished['fid']:.2f}  (finished before: {row_path})")
+    keys = [row_key(row, args, num_reference, features.weights_sha256, unet_sha256[id(row.unet)]) for row in rows]
+    row_paths = [os.path.join(args.output_dir, "rows", f"{row.slug}.json") for row in rows]
+    # Rows finished by an earlier run with the same key are read back first, so that the outputs always hold every
+    # finished row (in row order), never fewer than before this run started.
+    finished = {i: load_finished_row(path, key) for i, (path, key) in enumerate(zip(row_paths, keys))}
+    finished = {i: result for i, result in finished.items() if result is not None}
+    for i, result in finished.items():
+        print(f"{rows[i].sampler:28s} NFE {rows[i].nfe:4d}  FID {result['fid']:.2f}  (finished before: {row_paths[i]})")
+    if finished:
+        write_outputs(args.output_dir, config, [finished[i] for i in sorted(finished)])
+    for i, row in enumerate(rows):
+        if i in finished:
             continue
         keep = []
         batches = sample_batches(row, teacher.unet, args.num_samples, args.batch_size, args.seed, args.device, keep)
@@ -319,10 +322,11 @@ def main(argv=None) -> None:
         atomic_write_bytes(os.path.join(args.output_dir, grid_path), grid_png(torch.cat(keep)))
         fid = fid_from_statistics(statistics, reference)
         result = dict(sampler=row.sampler, model=row.model, nfe=row.nfe, fid=fid, ceiling=row.ceiling, samples=grid_path)
-        atomic_write_text(row_path, json.dumps({"key": key, "result": result}, indent=2))
-        results.append(result)
-        write_outputs(args.output_dir, config, results)
+        atomic_write_text(row_paths[i], json.dumps({"key": keys[i], "result": result}, indent=2))
+        finished[i] = result
+        write_outputs(args.output_dir, config, [finished[j] for j in sorted(finished)])
         print(f"{row.sampler:28s} NFE {row.nfe:4d}  FID {fid:.2f}")
+    results = [finished[i] for i in sorted(finished)]
     print(markdown_table(results))
     print(f"Wrote results.json, results.md, fid_vs_nfe.png and samples/ to {args.output_dir}")
 
