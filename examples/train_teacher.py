@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from diffusers_pd import ProgressiveDistillationScheduler, __version__, cosine_trained_betas, training
 from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text
 from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset
-from diffusers_pd.export import ddim_scheduler, save_pipeline_folder
+from diffusers_pd.export import card_front_matter, ddim_scheduler, save_pipeline_folder
 from diffusers_pd.loss import DiffusionLoss, RawOutput, draw_noise_and_grid_indices
 from diffusers_pd.pipeline import sample_grid
 
@@ -215,16 +215,7 @@ def training_command(argv, num_processes: int) -> str:
     return shlex.join([*launcher, os.path.relpath(__file__), *words])
 
 
-MODEL_CARD = """---
-library_name: diffusers
-pipeline_tag: unconditional-image-generation
-tags:
-- diffusers
-- diffusers-pd
-- progressive-distillation-teacher
-- unconditional-image-generation
----
-
+MODEL_CARD = """{front_matter}
 # Diffusion teacher: {dataset}, {resolution}x{resolution}
 
 An unconditional diffusion model (`UNet2DModel`, {parameters:,} parameters) trained from scratch with Algorithm 1
@@ -276,7 +267,7 @@ def model_card(args, where: str, command: str, parameters: int, cost: dict, fina
         "training wall time": f"{cost['train_wall_time_s'] / 60:.1f} min on {cost['num_processes']} x {cost['device']}",
     }
     return MODEL_CARD.format(
-        dataset=args.dataset_name or Path(args.train_data_dir).name, resolution=args.resolution, parameters=parameters,
+        front_matter=card_front_matter("progressive-distillation-teacher"), dataset=args.dataset_name or Path(args.train_data_dir).name, resolution=args.resolution, parameters=parameters,
         version=__version__, where=where, prediction_type=args.prediction_type, T=args.num_train_timesteps,
         steps=max(d for d in range(1, args.num_inference_steps + 1) if args.num_train_timesteps % d == 0),
         command=command, rows="\n".join(f"| {k} | {v} |" for k, v in rows.items()),

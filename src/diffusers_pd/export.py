@@ -175,16 +175,16 @@ def save_pipeline_folder(folder: PathLike, unet, stock_scheduler, metadata: Dict
             (Path(tmp) / name).write_bytes(data)
 
 
-MODEL_CARD = """---
-library_name: diffusers
-pipeline_tag: unconditional-image-generation
-tags:
-- diffusers
-- diffusers-pd
-- {method_tag}
-- unconditional-image-generation
-{base_model_line}---
+def card_front_matter(tag: str, base_model: Optional[str] = None) -> str:
+    """The YAML metadata block of this package's model cards: diffusers library, unconditional pipeline, `tag`."""
+    base_model_line = f"base_model: {base_model}\n" if base_model else ""
+    return (
+        "---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\ntags:\n- diffusers\n"
+        f"- diffusers-pd\n- {tag}\n- unconditional-image-generation\n{base_model_line}---\n"
+    )
 
+
+MODEL_CARD = """{front_matter}
 # {title}
 
 A {steps}-step student of `{teacher}`, distilled with {method_name} using
@@ -223,8 +223,7 @@ def model_card_text(info: Dict[str, Any], repo_or_folder: str, training: Optiona
             "student prediction type": info["prediction_type"], **(training or {})}
     return MODEL_CARD.format(
         title=f"{info['num_inference_steps']}-step student of {teacher}",
-        method_tag=method.replace("_", "-"),
-        base_model_line=f"base_model: {base_model}\n" if base_model else "",
+        front_matter=card_front_matter(method.replace("_", "-"), base_model),
         steps=info["num_inference_steps"],
         teacher=teacher,
         method_name="Progressive Distillation (Salimans & Ho, ICLR 2022)" if method == "progressive_distillation" else method,
