@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from diffusers_pd.parameterization import (
+    ddim_noise_std,
     ddim_step,
+    ddim_stochastic_step,
     eps_from_v,
     eps_from_x,
     loss_weight,
@@ -96,3 +98,21 @@ def test_bad_names_raise_one_line_errors():
         x_eps_from_output(output=x, z=x, alpha=alpha, sigma=sigma, prediction_type="eps")
     with pytest.raises(ValueError, match="truncated_snr"):
         loss_weight(alpha=alpha, sigma=sigma, weighting="min_snr")
+
+
+def test_ddim_noise_std_and_stochastic_step():
+    """eta = 1 gives DDPM's posterior std sqrt(beta~) (Ho et al. eq. 7); std = 0 is the deterministic DDIM step."""
+    x, eps, alpha_t, sigma_t = point()
+    alpha_s = alpha_t + (1 - alpha_t) * torch.rand_like(alpha_t)  # s is less noisy than t
+    sigma_s = (1 - alpha_s**2).sqrt()
+    abar_t, abar_s = alpha_t**2, alpha_s**2
+    posterior_std = ((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)).sqrt()
+    std = ddim_noise_std(alpha_t=alpha_t, sigma_t=sigma_t, alpha_s=alpha_s, sigma_s=sigma_s, eta=1.0)
+    torch.testing.assert_close(std, posterior_std, rtol=1e-12, atol=1e-14)
+    assert torch.equal(ddim_noise_std(alpha_t=alpha_t, sigma_t=sigma_t, alpha_s=alpha_s, sigma_s=sigma_s, eta=0.0), torch.zeros_like(std))
+    noise = torch.randn_like(x)
+    zero = torch.zeros_like(std)
+    torch.testing.assert_close(
+        ddim_stochastic_step(x=x, eps=eps, noise=noise, alpha_s=alpha_s, sigma_s=sigma_s, std=zero),
+        ddim_step(x=x, eps=eps, alpha_s=alpha_s, sigma_s=sigma_s), rtol=1e-12, atol=1e-12,
+    )

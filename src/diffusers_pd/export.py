@@ -17,6 +17,9 @@ keeps it in its config. Load with ``DiffusionPipeline.from_pretrained(folder)(nu
 
 import logging
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -137,13 +140,15 @@ def save_student(
     extra_files: Optional[Dict[str, bytes]] = None,
     card_repo_id: Optional[str] = None,
     card_training: Optional[Dict[str, Any]] = None,
+    save_kwargs: Optional[Dict[str, Any]] = None,
     **metadata,
 ) -> Dict[str, Any]:
     """Write a stock-loadable student folder with its model card atomically (temporary name, then rename).
 
     `scheduler` is the student's `ProgressiveDistillationScheduler` (or any scheduler with the same schedule
     config). `extra_files` (name -> bytes, e.g. `samples.png`) are written inside the folder; README.md is a Hub
-    model card naming `card_repo_id` (default: the folder) and the `card_training` rows. Returns the metadata.
+    model card naming `card_repo_id` (default: the folder) and the `card_training` rows; `save_kwargs` go to
+    `DDPMPipeline.save_pretrained` (safe_serialization, variant, max_shard_size). Returns the metadata.
     """
     stock, exact = stock_scheduler_for(scheduler.config, num_inference_steps)
     info = student_metadata(
@@ -162,17 +167,93 @@ def save_student(
             num_inference_steps, folder, type(stock).__name__,
         )
     card = ModelCard(model_card_text(info, card_repo_id or str(folder), card_training))
-    save_pipeline_folder(folder, unet, stock, info, {"README.md": str(card).encode("utf-8"), **(extra_files or {})})
+    files = {"README.md": str(card).encode("utf-8"), **(extra_files or {})}
+    save_pipeline_folder(folder, unet, stock, info, files, **(save_kwargs or {}))
     return info
 
 
-def save_pipeline_folder(folder: PathLike, unet, stock_scheduler, metadata: Dict[str, Any], files: Dict[str, bytes]) -> None:
+def save_pipeline_folder(
+    folder: PathLike, unet, stock_scheduler, metadata: Dict[str, Any], files: Dict[str, bytes], **save_kwargs
+) -> None:
     """Atomically write a stock DDPMPipeline folder, `metadata` under `_diffusers_pd` of its scheduler config, `files`."""
     stock_scheduler.register_to_config(**{METADATA_KEY: metadata})
     with atomic_directory(folder) as tmp:
-        DDPMPipeline(unet=unet, scheduler=stock_scheduler).save_pretrained(tmp)
+        DDPMPipeline(unet=unet, scheduler=stock_scheduler).save_pretrained(tmp, **save_kwargs)
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
+
+
+# Metadata keys that `save_student` derives from the scheduler and the grid; a saved student's other keys are kept.
+DERIVED_METADATA_KEYS = (
+    "num_inference_steps", "timesteps", "prediction_type", "teacher", "teacher_prediction_type", "schedule",
+    "diffusers_pd_version", "stock_scheduler", "stock_exact",
+)
+
+
+def stock_scheduler_for_every_grid(config) -> Tuple[Any, bool]:
+    """(stock scheduler, exact): one that samples the trailing N-step grid of `config` for EVERY N, where one exists.
+
+    DPM-Solver++(1) reads each grid off its config; at zero terminal SNR (an infinite sigma) only DDIMScheduler is
+    left, which is exact only for N dividing num_train_timesteps.
+    """
+    if alphas_cumprod_from_config(config)[-1] > 0:
+        return dpm_solver_first_order_scheduler(config), True
+    return ddim_scheduler(config), False
+
+
+def save_stock_pipeline(folder: PathLike, unet, scheduler, *, card_repo_id: Optional[str] = None, **save_kwargs) -> Dict[str, Any]:
+    """Write `unet` + `scheduler` into `folder` in the stock form plain diffusers loads; returns the metadata written.
+
+    A student (a step count in the scheduler's `_diffusers_pd` metadata) is written exactly as `save_student` writes
+    it, its other metadata kept. Without a step count (a teacher, or a pipeline built by hand) the model is sampled at
+    whatever N its user picks, so the stock scheduler is the one exact at every N (`stock_scheduler_for_every_grid`).
+    The folder is staged beside `folder` and each entry renamed into place: files of `folder` that a pipeline folder
+    does not have (checkpoints, logs) stay, as with diffusers' `save_pretrained`. `save_kwargs` go to
+    `DDPMPipeline.save_pretrained`.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    metadata = dict(scheduler.config.get(METADATA_KEY) or {})
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.staging-", dir=folder.parent))
+    try:
+        staged = staging / "pipeline"
+        if metadata.get("num_inference_steps") is not None:
+            kept = {key: value for key, value in metadata.items() if key not in DERIVED_METADATA_KEYS}
+            info = save_student(
+                staged, unet, scheduler, metadata["num_inference_steps"], teacher=metadata.get("teacher"),
+                teacher_prediction_type=metadata.get("teacher_prediction_type"), card_repo_id=card_repo_id or str(folder),
+                save_kwargs=save_kwargs, **kept,
+            )
+        else:
+            stock, exact = stock_scheduler_for_every_grid(scheduler.config)
+            if not exact:
+                logger.warning(
+                    "No stock diffusers scheduler samples every N-step grid of this schedule exactly; %s saved it with "
+                    "%s, exact only for N dividing num_train_timesteps (metadata stock_exact=false).", folder, type(stock).__name__,
+                )
+            info = {**metadata, "stock_scheduler": type(stock).__name__, "stock_exact": exact, "diffusers_pd_version": __version__}
+            save_pipeline_folder(staged, unet, stock, info, {}, **save_kwargs)
+        move_entries_into(staged, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return info
+
+
+def move_entries_into(staged: Path, folder: Path) -> None:
+    """Rename each entry of `staged` into `folder`, replacing its namesake whole; model_index.json goes last."""
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = [entry for entry in staged.iterdir() if entry.name != "model_index.json"] + [staged / "model_index.json"]
+    for entry in entries:
+        target = folder / entry.name
+        old = folder / f".{entry.name}.old-{os.getpid()}"
+        replaced = target.exists()
+        if replaced:
+            os.replace(target, old)
+        os.replace(entry, target)
+        if replaced and old.is_dir():
+            shutil.rmtree(old)
+        elif replaced:
+            old.unlink()
 
 
 def card_front_matter(tag: str, base_model: Optional[str] = None) -> str:

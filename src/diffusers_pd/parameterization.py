@@ -86,6 +86,16 @@ def ddim_step(*, x, eps, alpha_s, sigma_s):
     return alpha_s * x + sigma_s * eps
 
 
+def ddim_noise_std(*, alpha_t, sigma_t, alpha_s, sigma_s, eta):
+    """sigma_t(eta) = eta * (sigma_s / sigma_t) * sqrt(1 - alpha_t^2 / alpha_s^2), eq. 16 of DDIM (Song et al. 2021)."""
+    return eta * (sigma_s / sigma_t) * (1 - alpha_t**2 / alpha_s**2) ** 0.5
+
+
+def ddim_stochastic_step(*, x, eps, noise, alpha_s, sigma_s, std):
+    """z_s = alpha_s * x + sqrt(sigma_s^2 - std^2) * eps + std * noise, eq. 12 of DDIM with std = sigma_t(eta)."""
+    return alpha_s * x + torch.clamp(sigma_s**2 - std**2, min=0.0) ** 0.5 * eps + std * noise
+
+
 def x_from_ddim_endpoints(*, z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s):
     """x~ = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t): the x that DDIM maps z_t to z_s with."""
     ratio = sigma_s / sigma_t

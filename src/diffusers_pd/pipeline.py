@@ -1,12 +1,17 @@
 """`ProgressiveDistillationPipeline`: sample a distilled student on the grid it was trained for."""
 
+import tempfile
+from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils import make_image_grid
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import create_repo
 
+from .export import save_stock_pipeline
 from .scheduler import METADATA_KEY, ProgressiveDistillationScheduler
 
 
@@ -47,6 +52,9 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
     `num_inference_steps` defaults to the step count stored in the student's scheduler config. A stock scheduler
     (as saved by `save_student`) is converted to `ProgressiveDistillationScheduler` with the same schedule, so
     `ProgressiveDistillationPipeline.from_pretrained(student_folder)` samples exactly what the student learned.
+
+    `save_pretrained` and `push_to_hub` write the stock folder (`export.save_stock_pipeline`): a `DDPMPipeline` that
+    plain diffusers loads with `DiffusionPipeline.from_pretrained`, never a folder naming this class.
 
     Args:
         unet (`UNet2DModel`): the student (or a teacher).
@@ -92,6 +100,62 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+    def save_pretrained(
+        self,
+        save_directory,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        max_shard_size: Optional[Union[int, str]] = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """Save as the stock folder `save_student` writes, which plain diffusers loads and samples identically.
+
+        A student (its scheduler config holds a step count under `_diffusers_pd`) is saved exactly as `save_student`
+        saves it: a stock `DDPMPipeline`, the stock scheduler that reproduces its grid, its metadata and model card.
+        A pipeline without a step count is saved with DPM-Solver++(1), which samples our deterministic DDIM for every
+        N (see `export.save_stock_pipeline`). Other files in `save_directory` stay. With `push_to_hub`, the folder is
+        then uploaded as diffusers does it (`repo_id`, `token`, `private`, `commit_message`, `create_pr`); returns
+        the commit URL then.
+        """
+        hub_kwargs = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr", "subfolder") if key in kwargs}
+        repo_id = None
+        if push_to_hub:
+            repo_name = hub_kwargs.get("repo_id", Path(save_directory).name)
+            repo_id = create_repo(repo_name, exist_ok=True, private=hub_kwargs.get("private"), token=hub_kwargs.get("token")).repo_id
+        save_stock_pipeline(
+            save_directory, self.unet, self.scheduler, card_repo_id=repo_id, safe_serialization=safe_serialization,
+            variant=variant, max_shard_size=max_shard_size, **kwargs,
+        )
+        if not push_to_hub:
+            return None
+        card_path = Path(save_directory) / "README.md"
+        if not card_path.exists():  # a pipeline without a step count has no card of ours: diffusers' own, as it pushes
+            populate_model_card(load_or_create_model_card(repo_id, token=hub_kwargs.get("token"), is_pipeline=True)).save(card_path)
+        return self._upload_folder(
+            save_directory, repo_id, token=hub_kwargs.get("token"), commit_message=hub_kwargs.get("commit_message"),
+            create_pr=hub_kwargs.get("create_pr", False), subfolder=hub_kwargs.get("subfolder"),
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        subfolder: Optional[str] = None,
+    ) -> str:
+        """Upload the stock folder `save_pretrained` writes (a student keeps its model card); returns the commit URL."""
+        with tempfile.TemporaryDirectory() as tmp:
+            return self.save_pretrained(
+                Path(tmp) / "pipeline", safe_serialization=safe_serialization, variant=variant, push_to_hub=True,
+                repo_id=repo_id, commit_message=commit_message, private=private, token=token, create_pr=create_pr,
+                subfolder=subfolder,
+            )
 
 
 def sample_grid(unet: UNet2DModel, scheduler_config, num_steps: int, num_images: int, device=None):

@@ -12,26 +12,34 @@ Notation (paper -> code), for a student with N steps on the "trailing" grid t_0 
 | x~                        | `x_target`                                                  |
 
 The previous timestep is always read off the grid (never computed as t - T // N), so the step is exact
-for every N, including num_train_timesteps % N != 0.
+for every N, including num_train_timesteps % N != 0. Timestep -1 stands for the clean sample (alpha = 1, sigma = 0):
+`next_timesteps` returns it after the last grid point and `alpha_sigma` accepts it; every other public method takes
+integer timesteps 0 <= t < num_train_timesteps and raises for anything else.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.configuration_utils import ConfigMixin, FrozenDict, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.logging import get_logger
+from diffusers.utils.torch_utils import randn_tensor
 
 from .parameterization import (
     check_prediction_type,
+    ddim_noise_std,
     ddim_step,
+    ddim_stochastic_step,
     output_from_x,
     x_eps_from_output,
     x_from_ddim_endpoints,
 )
-from .schedules import alpha_sigma_at, alphas_cumprod_from_config, trailing_timesteps
+from .schedules import alpha_sigma_at, alphas_cumprod_from_config, betas_from_alphas_cumprod, trailing_timesteps
+
+logger = get_logger(__name__)
 
 # Keys a stock DDIMScheduler needs to sample our grid; written into every config we save, explicitly (not as
 # defaults), so `DDIMScheduler.from_config(our_config)` samples the same trailing, unclipped grid.
@@ -42,6 +50,21 @@ STOCK_SAMPLING_KEYS = {
     "steps_offset": 0,
     "thresholding": False,
 }
+
+# Settings of other diffusers schedulers that change what they sample, with the value this scheduler samples as.
+# `from_config` logs each one a source config sets otherwise and writes ours in its place, so a compatible class
+# built from our config samples our grid.
+SAMPLING_SETTINGS = {
+    **STOCK_SAMPLING_KEYS,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "final_sigmas_type": "zero",
+}
+# DDPM variance types that leave the model output's shape alone (a learned variance doubles its channels).
+FIXED_VARIANCE_TYPES = (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+_REPORTED_SETTINGS = set()  # (key, repr(value)) pairs already logged by `from_config`: each is said once per process
 
 # Private config key holding a student's metadata (step count, teacher, parameterizations, schedule).
 # Private keys are ignored by every diffusers scheduler's __init__ but kept in its config and saved back.
@@ -64,11 +87,29 @@ class ProgressiveDistillationSchedulerOutput(BaseOutput):
 
 
 class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
-    """Deterministic DDIM (eta = 0) on the N-step "trailing" grid, plus the progressive-distillation target.
+    """DDIM on the N-step "trailing" grid (deterministic by default, `eta` as in `DDIMScheduler`), plus the
+    progressive-distillation target.
 
     Accepts the scheduler config of any diffusers teacher (DDPM, DDIM, PNDM, DPM-Solver, ...): only the
     schedule keys and `prediction_type` are read; the sampling grid is always "trailing" (first step at
-    the last train timestep, last step landing on the clean sample).
+    the last train timestep, last step landing on the clean sample), x-hat is never clipped or thresholded.
+    `from_config` logs (once per process, with diffusers' logger) each setting of the source that it drops although
+    it changes sampling: `clip_sample=True`, `thresholding=True`, leading/linspace spacing, `steps_offset != 0`,
+    `set_alpha_to_one=False`, Karras/exponential/beta sigmas, `final_sigmas_type`, a learned `variance_type`.
+
+    Attributes: `alphas_cumprod` (float64, the table the step's math uses), `betas` and `alphas` (float32, as in
+    diffusers; `cumprod(alphas)` equals `alphas_cumprod` to float32 precision), `timesteps`, `init_noise_sigma` (1).
+
+    diffusers' `DDIMScheduler` test suite, pointed at this class, fails where this scheduler refuses by design:
+    timesteps off the N-step grid (`time_step=0, 1, 10, 49` in `check_over_forward`; the step reads the next timestep
+    off the grid, so off-grid timesteps have none: `ValueError`), the settings it does not take (`clip_sample`,
+    `thresholding`, `timestep_spacing`, `steps_offset`, `set_alpha_to_one`: `TypeError` in `__init__`, logged by
+    `from_config`), `rescale_betas_zero_snr=True` with its default `prediction_type="epsilon"` (x = (z - eps) / 0:
+    `ValueError`), the private `_get_variance` (here `parameterization.ddim_noise_std`), and the stored full-loop
+    numbers (computed with clipping and leading spacing). `tests/test_scheduler_contract.py` covers the rest of
+    the contract (config round trips, compatible classes, step dict/tuple, add_noise dtypes and shapes,
+    scale_model_input, set_timesteps bounds, eta > 0 against `DDIMScheduler`, a full loop against a float64
+    reference).
 
     Args:
         num_train_timesteps (`int`): length T of the discrete schedule.
@@ -94,18 +135,37 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         check_prediction_type(prediction_type)
         self.alphas_cumprod = alphas_cumprod_from_config(self.config)
         check_parameterization_fits_schedule(prediction_type, self.alphas_cumprod)
-        self.register_to_config(**STOCK_SAMPLING_KEYS)
+        self.betas = betas_from_alphas_cumprod(self.alphas_cumprod).float()
+        self.alphas = 1.0 - self.betas
+        self._write_sampling_settings({})
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self.timesteps = torch.from_numpy(np.arange(num_train_timesteps)[::-1].copy())
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """Build from any diffusers scheduler config; the grid keys are forced back to trailing / unclipped."""
+        """Build from any diffusers scheduler config: every schedule value it holds is read (defaults included), and
+        each setting it has that changes sampling and that this scheduler does not follow is logged, then replaced."""
+        dropped = {}
+        if isinstance(config, Mapping):
+            # A stock from_config skips the keys the source left at ITS defaults (`_use_default_values`); the schedule
+            # of a trained model is what its config says, whatever our defaults are.
+            config = {key: value for key, value in config.items() if key != "_use_default_values"}
+            dropped = dropped_sampling_settings({**config, **kwargs})
+            log_dropped_settings(dropped)
         output = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
         scheduler = output[0] if isinstance(output, tuple) else output
-        scheduler.register_to_config(**STOCK_SAMPLING_KEYS)  # the source's own spacing/clipping is not ours
+        scheduler._write_sampling_settings(dropped)
         return output
+
+    def _write_sampling_settings(self, dropped: Mapping[str, Any]):
+        """Write our grid settings (and ours for each `dropped` one) into the config, every key explicit.
+
+        Explicit means no `_use_default_values`: `OtherScheduler.from_config(our_config)` then reads our schedule and
+        grid instead of its own defaults (HeunDiscreteScheduler's default betas differ from ours, for one).
+        """
+        self.register_to_config(**{**STOCK_SAMPLING_KEYS, **{k: SAMPLING_SETTINGS[k] for k in dropped if k in SAMPLING_SETTINGS}})
+        self._internal_dict = FrozenDict({k: v for k, v in self._internal_dict.items() if k != "_use_default_values"})
 
     # ------------------------------------------------------------------ grid
     def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device, None] = None):
@@ -120,11 +180,30 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("Call `scheduler.set_timesteps(num_inference_steps)` first.")
         return self.num_inference_steps
 
+    def checked_timesteps(self, timesteps, allow_clean: bool = False) -> torch.Tensor:
+        """`timesteps` as a flat CPU long tensor; raise unless each is an integer 0 <= t < T (or -1 if `allow_clean`)."""
+        timesteps = torch.as_tensor(timesteps).reshape(-1).cpu()
+        if timesteps.is_floating_point() and not torch.equal(timesteps, timesteps.round()):
+            raise ValueError(
+                f"Timesteps {timesteps.tolist()} are not integers: pass integer timesteps (e.g. `scheduler.timesteps`)."
+            )
+        timesteps = timesteps.long()
+        num_train_timesteps = self.config.num_train_timesteps
+        lowest = -1 if allow_clean else 0
+        out_of_range = (timesteps < lowest) | (timesteps >= num_train_timesteps)
+        if out_of_range.any():
+            clean = " or -1 (the clean sample)" if allow_clean else ""
+            raise ValueError(
+                f"Timesteps {sorted(set(timesteps[out_of_range].tolist()))} are out of range: use integers "
+                f"0 <= t < num_train_timesteps={num_train_timesteps}{clean}."
+            )
+        return timesteps
+
     def grid_index(self, timesteps) -> torch.Tensor:
         """Index k of each timestep on the current grid; one clear error for any timestep off it."""
         num_steps = self._require_grid()
         grid = self.timesteps.cpu()
-        timesteps = torch.as_tensor(timesteps).reshape(-1).long().cpu()
+        timesteps = self.checked_timesteps(timesteps)
         matches = timesteps[:, None] == grid[None, :]
         off_grid = ~matches.any(dim=1)
         if off_grid.any():
@@ -141,8 +220,9 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         return padded[index + 1]
 
     def alpha_sigma(self, timesteps, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(alpha_t, sigma_t) per timestep, shaped to broadcast against `like` and in its dtype and device."""
-        timesteps = torch.as_tensor(timesteps).reshape(-1).cpu()
+        """(alpha_t, sigma_t) per timestep (-1: the clean sample, (1, 0)), shaped to broadcast against `like`, on its
+        device, in its dtype promoted to at least float32."""
+        timesteps = self.checked_timesteps(timesteps, allow_clean=True)
         alpha, sigma = alpha_sigma_at(self.alphas_cumprod, timesteps)
         shape = (-1,) + (1,) * (like.ndim - 1)
         dtype = torch.promote_types(like.dtype, torch.float32)
@@ -158,14 +238,33 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         model_output: torch.Tensor,
         timestep: Union[int, torch.Tensor],
         sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: Optional[torch.Generator] = None,
+        variance_noise: Optional[torch.Tensor] = None,
         return_dict: bool = True,
-        **kwargs,
     ) -> Union[ProgressiveDistillationSchedulerOutput, Tuple]:
-        """One deterministic DDIM step from `timestep` to the next point of the grid.
+        """One DDIM step from `timestep` to the next point of the grid, with `DDIMScheduler.step`'s signature.
 
-        Extra keyword arguments of stock schedulers (`generator`, `eta`, ...) are accepted and ignored: the step is
-        deterministic.
+        Args:
+            eta (`float`): 0 (default) is deterministic DDIM, 1 DDPM's posterior noise: noise of standard deviation
+                sigma_t(eta) (eq. 16 of DDIM) is added, drawn from `generator` exactly as `DDIMScheduler` draws it,
+                or taken from `variance_noise`.
+            use_clipped_model_output (`bool`): accepted for `DDIMScheduler` callers; it has no effect, since x-hat is
+                never clipped here (as in `DDIMScheduler` with `clip_sample=False`).
         """
+        # 0. refuse what the step cannot honour, before any work
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta={eta} is outside [0, 1]: 0 is deterministic DDIM, 1 is DDPM's posterior noise.")
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)} but sample {tuple(sample.shape)}: a model with a "
+                "learned variance outputs twice the channels; pass its first half, model_output[:, :C]."
+            )
+        if eta > 0 and generator is not None and variance_noise is not None:
+            raise ValueError("Pass either generator or variance_noise, not both: the noise comes from one of them.")
+        if eta > 0 and variance_noise is not None and variance_noise.shape != sample.shape:
+            raise ValueError(f"variance_noise has shape {tuple(variance_noise.shape)}; it needs {tuple(sample.shape)}.")
         # 1. previous timestep, read off the grid
         next_timestep = self.next_timesteps(timestep)
         # 2. alpha_t, sigma_t, alpha_s, sigma_s
@@ -179,20 +278,31 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
             sigma=sigma_t,
             prediction_type=self.config.prediction_type,
         )
-        # 4. z_s = alpha_s x-hat + sigma_s eps-hat
-        prev_sample = ddim_step(x=x, eps=eps, alpha_s=alpha_s, sigma_s=sigma_s).to(sample.dtype)
+        if eta == 0:
+            # 4. z_s = alpha_s x-hat + sigma_s eps-hat
+            prev_sample = ddim_step(x=x, eps=eps, alpha_s=alpha_s, sigma_s=sigma_s).to(sample.dtype)
+        else:
+            # 4. z_s = alpha_s x-hat + sqrt(sigma_s^2 - std^2) eps-hat + std noise, std = sigma_t(eta)
+            if variance_noise is None:
+                variance_noise = randn_tensor(
+                    model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                )
+            std = ddim_noise_std(alpha_t=alpha_t, sigma_t=sigma_t, alpha_s=alpha_s, sigma_s=sigma_s, eta=eta)
+            noise = variance_noise.to(alpha_t.device, alpha_t.dtype)
+            prev_sample = ddim_stochastic_step(x=x, eps=eps, noise=noise, alpha_s=alpha_s, sigma_s=sigma_s, std=std)
+            prev_sample = prev_sample.to(sample.dtype)
         if not return_dict:
             return (prev_sample, x.to(sample.dtype))
         return ProgressiveDistillationSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x.to(sample.dtype))
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """z_t = alpha_t x + sigma_t eps."""
-        alpha, sigma = self.alpha_sigma(timesteps, original_samples)
+        """z_t = alpha_t x + sigma_t eps, for integer timesteps 0 <= t < num_train_timesteps (others raise)."""
+        alpha, sigma = self.alpha_sigma(self.checked_timesteps(timesteps), original_samples)
         return (alpha * original_samples + sigma * noise).to(original_samples.dtype)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
-        """v_t = alpha_t eps - sigma_t x (here `sample` is the clean x, as in diffusers)."""
-        alpha, sigma = self.alpha_sigma(timesteps, sample)
+        """v_t = alpha_t eps - sigma_t x (here `sample` is the clean x, as in diffusers); 0 <= t < T as in add_noise."""
+        alpha, sigma = self.alpha_sigma(self.checked_timesteps(timesteps), sample)
         return (alpha * noise - sigma * sample).to(sample.dtype)
 
     def __len__(self):
@@ -272,6 +382,27 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
             x=x_target, z=sample.to(alpha.dtype), alpha=alpha, sigma=sigma, prediction_type=self.config.prediction_type
         )
         return target.to(torch.promote_types(sample.dtype, torch.float32))
+
+
+def dropped_sampling_settings(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The settings of a scheduler `config` that change what it samples and that this scheduler does not follow."""
+    dropped = {key: config[key] for key, ours in SAMPLING_SETTINGS.items() if key in config and config[key] != ours}
+    if config.get("variance_type") not in FIXED_VARIANCE_TYPES:
+        dropped["variance_type"] = config["variance_type"]
+    return dropped
+
+
+def log_dropped_settings(dropped: Mapping[str, Any]) -> None:
+    """One warning naming each dropped setting with its value; a (setting, value) pair already logged is not repeated."""
+    new = {key: value for key, value in dropped.items() if (key, repr(value)) not in _REPORTED_SETTINGS}
+    if not new:
+        return
+    _REPORTED_SETTINGS.update((key, repr(value)) for key, value in new.items())
+    logger.warning(
+        "ProgressiveDistillationScheduler samples DDIM on the trailing grid, unclipped, landing on the clean sample; "
+        "it drops these settings of the source config, which change sampling: %s.",
+        ", ".join(f"{key}={value!r}" for key, value in new.items()),
+    )
 
 
 def check_parameterization_fits_schedule(prediction_type: str, alphas_cumprod: torch.Tensor, who: str = "model"):
