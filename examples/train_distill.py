@@ -278,6 +278,7 @@ def distill(args, argv) -> dict:
                          "stage_time_s": time.time() - stage_start, "stage_losses": training.first_and_last(losses)},
                         models, optimizer, ema, args.checkpoints_total_limit)
                 if signum:
+                    bar.close()
                     interrupt.stop_run(accelerator, signum, progress["global_step"], saved,
                                        training.resume_command(__file__, argv, accelerator.num_processes))
         bar.close()

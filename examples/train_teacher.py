@@ -409,6 +409,7 @@ def train(args, argv) -> int:
             saved = training.save_checkpoint(accelerator, output_dir, global_step, progress, {"unet": unet}, optimizer,
                                              ema, args.checkpoints_total_limit)
         if signum:
+            bar.close()
             interrupt.stop_run(accelerator, signum, global_step, saved, training.resume_command(__file__, argv, world))
     bar.close()
     stop.restore()

@@ -163,3 +163,19 @@ def test_distilled_two_step_student_beats_the_teachers_two_step_ddim(tmp_path):
     student_mse = (student - reference).pow(2).mean()
     ddim_mse = (teacher_ddim - reference).pow(2).mean()
     assert student_mse < 0.5 * ddim_mse, (student_mse, ddim_mse)
+
+
+def test_a_student_worse_than_the_teachers_ddim_is_flagged_with_what_helps(tmp_path):
+    """A learning rate that wrecks the student in 2 updates: the stage warns and its summary row says so."""
+    teacher = save_tiny_teacher(tmp_path / "teacher", prediction_type="v_prediction")
+    out = tmp_path / "out"
+    result = run_distill("--teacher", teacher, "--dataset_name", "digits", "--start_steps", 4, "--end_steps", 2,
+                         "--iterations_per_stage", 2, "--train_batch_size", 4, "--learning_rate", 0.5,
+                         "--max_grad_norm", 0, "--output_dir", out, "--num_grid_images", 1, "--num_validation_samples", 8)
+    row = json.loads((out / "summary.json").read_text())[0]
+    assert row["mse_to_teacher"] > row["teacher_ddim_mse"]
+    assert row["vs_teacher_ddim"] == "WORSE: raise --iterations_per_stage"
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line and "Stage 4 -> 2" in line]
+    assert len(warnings) == 1 and "than the teacher's own 2-step DDIM" in warnings[0]
+    assert "raise --iterations_per_stage (now 2)" in warnings[0]
+    assert "WORSE: raise --iterations_per_stage" in (out / "summary.md").read_text()
