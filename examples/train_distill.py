@@ -13,27 +13,11 @@ package. With no arguments it runs an offline CPU demo: the committed reference 
 """
 
 import argparse
-import copy
-import json
 import sys
-import time
 from pathlib import Path
 
-import torch
-from accelerate.logging import get_logger
-from accelerate.utils import set_seed
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
+from diffusers_pd import arguments  # standard library only: --help answers before the heavy imports below
 
-from diffusers_pd import ProgressiveDistillationScheduler, save_student, training
-from diffusers_pd.atomic import atomic_write_text
-from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset
-from diffusers_pd.loading import load_teacher
-from diffusers_pd.loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
-from diffusers_pd.parameterization import LOSS_WEIGHTINGS, PREDICTION_TYPES
-from diffusers_pd.pipeline import denoise, fidelity_to_reference, sample_grid
-
-logger = get_logger(__name__)
 REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
 
 
@@ -41,28 +25,64 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments; defaults run the offline demo."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("distillation")
-    group.add_argument("--teacher", type=str, default=str(REFERENCE_TEACHER),
+    group.add_argument("--teacher", "--pretrained_teacher_model", "--pretrained_model_name_or_path", dest="teacher",
+                       type=str, default=str(REFERENCE_TEACHER),
                        help="Hub id or folder: a pipeline (unet/ + scheduler/) or a UNet2DModel folder.")
-    group.add_argument("--teacher_scheduler", type=str, default=None, help="Scheduler folder/pipeline for a bare UNet folder.")
-    group.add_argument("--teacher_revision", type=str, default=None)
+    group.add_argument("--teacher_scheduler", type=str, default=None,
+                       help="Scheduler folder or pipeline for a bare UNet folder; None: the teacher's own scheduler.")
+    group.add_argument("--teacher_revision", type=str, default=None, help="Branch, tag or commit of a Hub teacher; None: main.")
     group.add_argument("--start_steps", type=int, default=64, help="The teacher's sampling steps (the first stage's 2N).")
     group.add_argument("--end_steps", type=int, default=1, help="Steps of the last student.")
     group.add_argument("--iterations_per_stage", type=int, default=300, help="Updates per halving (the paper's K: 50000).")
-    group.add_argument("--loss_weighting", type=str, default="truncated_snr", choices=LOSS_WEIGHTINGS[:2])
-    group.add_argument("--prediction_type", type=str, default="v_prediction", choices=PREDICTION_TYPES,
+    group.add_argument("--loss_weighting", type=str, default="truncated_snr", choices=["truncated_snr", "snr_plus_one"],
+                       help="x-MSE weight: max(SNR, 1) (the paper's) or SNR + 1 (= the v-MSE).")
+    group.add_argument("--prediction_type", type=str, default="v_prediction", choices=["epsilon", "sample", "v_prediction"],
                        help="The student's parameterization (works from any teacher's).")
-    training.add_data_args(parser)
-    training.add_optimization_args(parser, learning_rate=3e-4)
-    training.add_output_args(parser, output_dir="pd-output")
+    group.add_argument("--num_validation_samples", type=int, default=64,
+                       help="Fixed noises on which each student is compared with the teacher (0: off).")
+    arguments.add_data_args(parser, resolution_help="None: the teacher's sample_size (the only one that works).")
+    arguments.add_optimization_args(parser, learning_rate=3e-4)
+    arguments.add_output_args(parser, output_dir="pd-output")
     args = parser.parse_args(argv)
     if args.dataset_name is None and args.train_data_dir is None and Path(args.teacher) == REFERENCE_TEACHER:
         args.dataset_name = "digits"  # the embedded demo's data
     return args
 
 
+if __name__ == "__main__":  # --help and argument errors answer here, before the heavy imports below
+    parse_args()
+
+import copy  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from diffusers.training_utils import EMAModel  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from diffusers_pd import ProgressiveDistillationScheduler, interrupt, save_student, training  # noqa: E402
+from diffusers_pd.atomic import atomic_write_text  # noqa: E402
+from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
+from diffusers_pd.loading import load_teacher, public_name  # noqa: E402
+from diffusers_pd.loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices  # noqa: E402
+from diffusers_pd.pipeline import denoise, fidelity_to_reference, sample_grid  # noqa: E402
+
+logger = get_logger(__name__)
+SUMMARY_NOTE = (
+    "first_loss / final_loss: mean loss of the stage's first / last 10 updates. mse_to_teacher: mean squared distance "
+    "of the student's samples to the original teacher's start_steps samples from the same noise; teacher_ddim_mse: "
+    "the same for the teacher's own DDIM at the student's steps (the student should be below it)."
+)
+
+
 def stage_steps(start_steps: int, end_steps: int) -> list:
     """Student step counts of each stage: start/2, start/4, ..., end; one clear error if that is not a halving chain."""
-    if end_steps < 1 or start_steps <= end_steps or start_steps % end_steps or (start_steps // end_steps) & (start_steps // end_steps - 1):
+    for name, value in (("start_steps", start_steps), ("end_steps", end_steps)):
+        if value < 1:
+            raise ValueError(f"--{name} {value} is not a step count: pass 1 or more.")
+    if start_steps <= end_steps or start_steps % end_steps or (start_steps // end_steps) & (start_steps // end_steps - 1):
         raise ValueError(
             f"--start_steps {start_steps} must be a power-of-two multiple (>= 2x) of --end_steps {end_steps}, e.g. 1024 and 4."
         )
@@ -74,15 +94,20 @@ def stage_steps(start_steps: int, end_steps: int) -> list:
 
 def validate(args):
     """Every check that can fail, before anything is written: returns (teacher unet, its scheduler config, dataset)."""
-    training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
+                              leftovers=training.run_leftovers(args.logging_dir))
     training.check_hub_args(args)
     stage_steps(args.start_steps, args.end_steps)
     for name in ("iterations_per_stage", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1.")
+    if args.push_to_hub:  # the token and the repo, now: not after the first stage
+        from diffusers_pd.hub import check_push_access
+
+        check_push_access(args.hub_model_id, args.hub_token, args.hub_private_repo)
+    teacher, scheduler_config = load_teacher(args.teacher, args.teacher_scheduler, args.teacher_revision)
     if args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Pass the teacher's training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or --train_data_dir DIR.")
-    teacher, scheduler_config = load_teacher(args.teacher, args.teacher_scheduler, args.teacher_revision)
     if teacher.config.out_channels != teacher.config.in_channels:
         raise ValueError(
             f"The teacher outputs {teacher.config.out_channels} channels for {teacher.config.in_channels} input channels "
@@ -134,13 +159,14 @@ def push(args) -> str:
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return distill(parse_args(argv))
+        return distill(parse_args(argv), argv)
     except training.NonFiniteLossError as error:  # every process sees the same reduced loss, so all stop here
         sys.exit(f"error: {error}")
 
 
-def distill(args) -> dict:
+def distill(args, argv) -> dict:
     """Validate, then run every stage; returns the per-stage history."""
     # 1. check everything before writing anything
     try:
@@ -170,6 +196,7 @@ def distill(args) -> dict:
         training.load_checkpoint(accelerator, checkpoint, {"teacher": teacher})
         logger.info(f"Resuming from {checkpoint}: stage {progress['stage'] + 1}/{len(stages)}, update {progress['step']}")
     teacher.to(device).eval().requires_grad_(False)
+    stop = interrupt.StopSignals().install()  # Ctrl-C / SIGTERM: checkpoint at the current update, then stop
 
     global_batch = args.train_batch_size * accelerator.num_processes
     shape = (global_batch, teacher.config.in_channels, args.resolution, args.resolution)
@@ -205,7 +232,10 @@ def distill(args) -> dict:
                                                    generator=torch.Generator().manual_seed(args.seed)))  # iterator must not consume the global RNG (dropout)
         bar = tqdm(total=args.iterations_per_stage, initial=resume_step, disable=not accelerator.is_local_main_process,
                    desc=f"stage {stage + 1}/{len(stages)}: {2 * num_steps} -> {num_steps} steps")
-        stage_start, losses = time.time(), []
+        # a resumed stage goes on with the time and losses of its part before the checkpoint (for the summary)
+        resumed = resume_step > 0
+        stage_start = time.time() - (progress.get("stage_time_s", 0.0) if resumed else 0.0)
+        losses = list(progress.get("stage_losses", [])) if resumed else []
 
         # 6. the updates of this stage
         for step in range(resume_step, args.iterations_per_stage):
@@ -237,12 +267,20 @@ def distill(args) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
             accelerator.log({"loss": losses[-1], "lr": lr, "student_steps": num_steps}, step=progress["global_step"])
-            if progress["global_step"] % args.checkpointing_steps == 0 and step + 1 < args.iterations_per_stage:
-                models = {"student": student, "teacher": teacher}
-                training.save_checkpoint(accelerator, output_dir, progress["global_step"],
-                                         {**progress, "stage": stage, "step": step + 1, "stages": stages,
-                                          "teacher_prediction_type": teacher_prediction_type},
-                                         models, optimizer, ema, args.checkpoints_total_limit)
+            if step + 1 < args.iterations_per_stage:  # (the stage's last update ends in the stage-boundary checkpoint)
+                signum = stop.requested(accelerator)
+                if progress["global_step"] % args.checkpointing_steps == 0 or signum:
+                    models = {"student": student, "teacher": teacher}
+                    saved = training.save_checkpoint(
+                        accelerator, output_dir, progress["global_step"],
+                        {**progress, "stage": stage, "step": step + 1, "stages": stages,
+                         "teacher_prediction_type": teacher_prediction_type,
+                         "stage_time_s": time.time() - stage_start, "stage_losses": training.first_and_last(losses)},
+                        models, optimizer, ema, args.checkpoints_total_limit)
+                if signum:
+                    bar.close()
+                    interrupt.stop_run(accelerator, signum, progress["global_step"], saved,
+                                       training.resume_command(__file__, argv, accelerator.num_processes))
         bar.close()
 
         # 7. the student (EMA weights if any) becomes the next teacher; save it as a stock-loadable folder
@@ -255,16 +293,25 @@ def distill(args) -> dict:
                "global_batch": global_batch * args.gradient_accumulation_steps,
                "time_s": round(time.time() - stage_start, 1),
                "first_loss": training.mean_or_nan(losses[:10]), "final_loss": training.mean_or_nan(losses[-10:]),
-               "student": str(output_dir / f"student-{num_steps}steps")}
+               "student": f"student-{num_steps}steps"}
         if validation is not None:
             row["mse_to_teacher"] = fidelity_to_reference(teacher, scheduler_config, num_steps, validation["latents"], validation["reference"])
             row["teacher_ddim_mse"] = validation["ddim"][num_steps]
+            row["vs_teacher_ddim"] = "better"
+            if row["mse_to_teacher"] > row["teacher_ddim_mse"]:  # the stage did not distil: say what usually helps
+                row["vs_teacher_ddim"] = "WORSE: raise --iterations_per_stage"
+                logger.warning(
+                    f"Stage {row['stage']}: the {num_steps}-step student is further from the teacher's "
+                    f"{args.start_steps}-step samples (MSE {row['mse_to_teacher']:.4g}) than the teacher's own "
+                    f"{num_steps}-step DDIM ({row['teacher_ddim_mse']:.4g}): raise --iterations_per_stage "
+                    f"(now {args.iterations_per_stage}) for a student worth its steps.", main_process_only=True)
         if accelerator.is_main_process:
             grid = sample_grid(teacher, scheduler_config, num_steps, args.num_grid_images, device)
             training.log_grid(accelerator, grid, progress["global_step"], f"samples/{num_steps}steps")
             save_student(
                 output_dir / f"student-{num_steps}steps", teacher, scheduler, num_steps,
-                teacher=args.teacher, teacher_prediction_type=teacher_prediction_type,
+                teacher=public_name(args.teacher), teacher_prediction_type=teacher_prediction_type,
+                teacher_source="local" if Path(args.teacher).exists() else "hub",
                 extra_files={"samples.png": training.png_bytes(grid)}, card_repo_id=args.hub_model_id,
                 card_training={"iterations per stage": args.iterations_per_stage, "global batch size": global_batch * args.gradient_accumulation_steps,
                                "learning rate": f"{args.learning_rate} (linear decay to 0 per stage)", "loss weighting": args.loss_weighting},
@@ -272,16 +319,28 @@ def distill(args) -> dict:
             )
             row["hub"] = push(args) if args.push_to_hub else "-"
         history.append(row)
-        progress.update(stage=stage + 1, step=0, teacher_prediction_type=args.prediction_type, history=history)
+        progress.update(stage=stage + 1, step=0, teacher_prediction_type=args.prediction_type, history=history,
+                        stage_time_s=0.0, stage_losses=[])
         if stage + 1 < len(stages):  # a stage boundary is a checkpoint: the next stage needs only its teacher
-            training.save_checkpoint(accelerator, output_dir, progress["global_step"], {**progress, "stages": stages},
-                                     {"teacher": teacher}, total_limit=args.checkpoints_total_limit)
+            saved = training.save_checkpoint(accelerator, output_dir, progress["global_step"],
+                                             {**progress, "stages": stages}, {"teacher": teacher},
+                                             total_limit=args.checkpoints_total_limit)
+            signum = stop.requested(accelerator)
+            if signum:
+                interrupt.stop_run(accelerator, signum, progress["global_step"], saved,
+                                   training.resume_command(__file__, argv, accelerator.num_processes))
+    stop.restore()
 
     # 8. summary
     accelerator.wait_for_everyone()  # no process may tear down the process group while another still uses it
     accelerator.end_training()
     if accelerator.is_main_process:
-        table = training.format_table(history)
+        if args.push_to_hub:  # a student whose push failed may have gone up with a later stage's catch-up push
+            from diffusers_pd.hub import is_pushed
+
+            for row in history:
+                row["hub"] = "pushed" if is_pushed(output_dir / row["student"], args.hub_model_id) else "push failed"
+        table = training.format_table(history) + "\n\n" + SUMMARY_NOTE
         atomic_write_text(output_dir / "summary.json", json.dumps(history, indent=2))
         atomic_write_text(output_dir / "summary.md", table + "\n")
         print(f"\nProgressive distillation of {args.teacher}: {args.start_steps} -> {args.end_steps} steps\n\n{table}\n")

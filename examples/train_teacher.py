@@ -18,30 +18,10 @@ batch (`train_batch_size` x processes x `gradient_accumulation_steps`).
 """
 
 import argparse
-import json
-import math
-import os
-import shlex
 import sys
-import time
-from pathlib import Path
 
-import torch
-from accelerate.logging import get_logger
-from accelerate.utils import set_seed
-from diffusers import UNet2DModel
-from diffusers.training_utils import EMAModel
-from huggingface_hub import ModelCard
-from tqdm.auto import tqdm
+from diffusers_pd import arguments  # standard library only: --help answers before the heavy imports below
 
-from diffusers_pd import ProgressiveDistillationScheduler, __version__, cosine_trained_betas, training
-from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text
-from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset
-from diffusers_pd.export import card_front_matter, ddim_scheduler, save_pipeline_folder
-from diffusers_pd.loss import DiffusionLoss, RawOutput, draw_noise_and_grid_indices
-from diffusers_pd.pipeline import sample_grid
-
-logger = get_logger(__name__)
 GRAYSCALE_DATASETS = ("digits", "fashion_mnist")
 SHAPE_ARGS = ("block_out_channels", "layers_per_block", "attention", "norm_num_groups", "dropout")
 DEFAULT_SHAPE = {"block_out_channels": [64, 128, 128], "layers_per_block": 2}  # as the help texts say
@@ -56,18 +36,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--model_config_name_or_path", type=str, default=None,
                        help="A UNet2DModel config: config.json, a folder holding it, or a pipeline folder (unet/).")
     group.add_argument("--block_out_channels", type=int, nargs="+", default=None,
-                       help="Channels per resolution level; unset: 64 128 128.")
-    group.add_argument("--layers_per_block", type=int, default=None, help="ResNet blocks per level; unset: 2.")
+                       help="Channels per resolution level; None: 64 128 128.")
+    group.add_argument("--layers_per_block", type=int, default=None, help="ResNet blocks per level; None: 2.")
     group.add_argument("--attention", action="store_true", default=None,
-                       help="Self-attention at the lowest resolution level and in the middle block.")
+                       help="Self-attention at the lowest resolution level and in the middle block; None: off.")
     group.add_argument("--norm_num_groups", type=int, default=None,
-                       help="GroupNorm groups; unset: the gcd of the channels, at most 32.")
-    group.add_argument("--dropout", type=float, default=None, help="Dropout in the ResNet blocks; unset: 0.")
+                       help="GroupNorm groups; None: the gcd of the channels, at most 32.")
+    group.add_argument("--dropout", type=float, default=None, help="Dropout in the ResNet blocks; None: 0.")
     group.add_argument("--num_channels", type=int, default=None,
-                       help=f"Image channels; unset: 1 for {', '.join(GRAYSCALE_DATASETS)}, else 3.")
+                       help=f"Image channels; None: 1 for {', '.join(GRAYSCALE_DATASETS)}, else 3.")
     group = parser.add_argument_group("diffusion")
     group.add_argument("--num_train_timesteps", type=int, default=1024, help="Points T of the cosine log-SNR table.")
-    group.add_argument("--prediction_type", type=str, default="v_prediction", choices=["v_prediction", "sample"])
+    group.add_argument("--prediction_type", type=str, default="v_prediction", choices=["v_prediction", "sample"],
+                       help="What the network predicts (eps-prediction breaks down at zero SNR).")
     group.add_argument("--loss_weighting", type=str, default="snr_plus_one", choices=["snr_plus_one", "truncated_snr"],
                        help="x-MSE weight: SNR + 1 (= v-MSE) or max(SNR, 1).")
     group = parser.add_argument_group("loop")
@@ -76,11 +57,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--save_images_steps", type=int, default=1000, help="Sample a grid (EMA weights) every N updates.")
     group.add_argument("--num_inference_steps", type=int, default=256, help="DDIM steps of every sample grid.")
     group.add_argument("--teacher_dir", type=str, default=None,
-                       help="Where the final teacher pipeline folder goes; unset: OUTPUT_DIR/teacher.")
-    training.add_data_args(parser)
-    training.add_optimization_args(parser, learning_rate=2e-4, ema_decay=0.9999)
-    training.add_output_args(parser, output_dir="teacher-output")
+                       help="Where the final teacher pipeline folder goes; None: OUTPUT_DIR/teacher.")
+    arguments.add_data_args(parser, resolution_help="None: the sample_size of --model_config_name_or_path.")
+    arguments.add_optimization_args(parser, learning_rate=2e-4, ema_decay=0.9999)
+    arguments.add_output_args(parser, output_dir="teacher-output")
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":  # --help and argument errors answer here, before the heavy imports below
+    parse_args()
+
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from diffusers import UNet2DModel  # noqa: E402
+from diffusers.training_utils import EMAModel  # noqa: E402
+from huggingface_hub import ModelCard  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from diffusers_pd import ProgressiveDistillationScheduler, __version__, cosine_trained_betas, interrupt, training  # noqa: E402
+from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
+from diffusers_pd.export import card_front_matter, ddim_scheduler, save_pipeline_folder  # noqa: E402
+from diffusers_pd.loading import public_name  # noqa: E402
+from diffusers_pd.loss import DiffusionLoss, RawOutput, draw_noise_and_grid_indices  # noqa: E402
+from diffusers_pd.pipeline import sample_grid  # noqa: E402
+
+logger = get_logger(__name__)
 
 
 def first_line(error: Exception) -> str:
@@ -133,13 +141,9 @@ def check_arguments(args) -> None:
         raise ValueError(
             f"--num_inference_steps {args.num_inference_steps} exceeds --num_train_timesteps {args.num_train_timesteps}."
         )
-    training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint)
+    training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
+                              leftovers=training.run_leftovers(args.logging_dir, "metrics.jsonl", "samples"))
     training.check_hub_args(args)
-    if args.push_to_hub:
-        from diffusers_pd.hub import resolve_token
-
-        if resolve_token(args.hub_token) is None:
-            raise ValueError("--push_to_hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`.")
     teacher_dir = Path(args.teacher_dir or Path(args.output_dir) / "teacher")
     if args.teacher_dir and teacher_dir.is_dir() and any(teacher_dir.iterdir()):
         if not (teacher_dir / "model_index.json").is_file():
@@ -150,6 +154,10 @@ def check_arguments(args) -> None:
         raise ValueError(
             "Pass the training data: --dataset_name NAME (`digits`, `fashion_mnist` or a Hub data set) or --train_data_dir DIR."
         )
+    if args.push_to_hub:  # the token and the repo, now: not after hours of training
+        from diffusers_pd.hub import check_push_access
+
+        check_push_access(args.hub_model_id, args.hub_token, args.hub_private_repo)
 
 
 def build_unet(args) -> UNet2DModel:
@@ -201,20 +209,6 @@ def validate(args):
     return unet, dataset, checkpoint
 
 
-def training_command(argv, num_processes: int) -> str:
-    """The command line of this run, as typed from the repository root, without any Hub token."""
-    words, skip = [], False
-    for word in argv:
-        if skip or word.startswith("--hub_token="):
-            skip = False
-            continue
-        skip = word == "--hub_token"
-        if not skip:
-            words.append(word)
-    launcher = ["python"] if num_processes == 1 else ["accelerate", "launch", "--num_processes", str(num_processes)]
-    return shlex.join([*launcher, os.path.relpath(__file__), *words])
-
-
 MODEL_CARD = """{front_matter}
 # Diffusion teacher: {dataset}, {resolution}x{resolution}
 
@@ -258,7 +252,7 @@ Always pass `num_inference_steps` (the `DDPMPipeline` default, 1000, does not di
 def model_card(args, where: str, command: str, parameters: int, cost: dict, final_loss) -> str:
     """The teacher's Hub model card."""
     rows = {
-        "data": args.dataset_name or args.train_data_dir, "resolution, channels": f"{args.resolution}, {args.num_channels}",
+        "data": args.dataset_name or public_name(args.train_data_dir), "resolution, channels": f"{args.resolution}, {args.num_channels}",
         "prediction type": args.prediction_type, "loss weighting": args.loss_weighting,
         "optimizer updates": cost["optimizer_updates"], "global batch": cost["global_batch_size"],
         "images seen": f"{cost['images_seen']:,}",
@@ -267,7 +261,7 @@ def model_card(args, where: str, command: str, parameters: int, cost: dict, fina
         "training wall time": f"{cost['train_wall_time_s'] / 60:.1f} min on {cost['num_processes']} x {cost['device']}",
     }
     return MODEL_CARD.format(
-        front_matter=card_front_matter("progressive-distillation-teacher"), dataset=args.dataset_name or Path(args.train_data_dir).name, resolution=args.resolution, parameters=parameters,
+        front_matter=card_front_matter("progressive-distillation-teacher"), dataset=args.dataset_name or public_name(args.train_data_dir), resolution=args.resolution, parameters=parameters,
         version=__version__, where=where, prediction_type=args.prediction_type, T=args.num_train_timesteps,
         steps=max(d for d in range(1, args.num_inference_steps + 1) if args.num_train_timesteps % d == 0),
         command=command, rows="\n".join(f"| {k} | {v} |" for k, v in rows.items()),
@@ -360,9 +354,10 @@ def train(args, argv) -> int:
         atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
 
     # 5. the updates: every random draw is a function of (seed, micro-step) for the global batch; take this slice
+    stop = interrupt.StopSignals().install()  # Ctrl-C / SIGTERM: checkpoint at the current update, then stop
     bar = tqdm(total=args.max_train_steps, initial=progress["global_step"], desc="teacher",
                disable=not accelerator.is_local_main_process)
-    session_start, losses = time.time(), []
+    session_start = time.time()
     for step in range(progress["global_step"], args.max_train_steps):
         lr = training.linear_warmup_lr(step, args.lr_warmup_steps, args.learning_rate)
         training.set_lr(optimizer, lr)
@@ -389,7 +384,6 @@ def train(args, argv) -> int:
             ema.step(unet.parameters())
         global_step = step + 1
         progress.update(global_step=global_step, images_seen=progress["images_seen"] + global_batch)
-        losses.append(update_loss)
 
         # 6. log, sample, checkpoint
         bar.update(1)
@@ -408,12 +402,17 @@ def train(args, argv) -> int:
                 ema.restore(model.parameters())
             training.log_grid(accelerator, grid, global_step)
             atomic_write_bytes(output_dir / "samples" / f"step-{global_step:07d}.png", training.png_bytes(grid))
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        signum = stop.requested(accelerator) if global_step < args.max_train_steps else None
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps or signum:
             progress["train_time_s"] += time.time() - session_start
             session_start = time.time()
-            training.save_checkpoint(accelerator, output_dir, global_step, progress, {"unet": unet}, optimizer, ema,
-                                     args.checkpoints_total_limit)
+            saved = training.save_checkpoint(accelerator, output_dir, global_step, progress, {"unet": unet}, optimizer,
+                                             ema, args.checkpoints_total_limit)
+        if signum:
+            bar.close()
+            interrupt.stop_run(accelerator, signum, global_step, saved, training.resume_command(__file__, argv, world))
     bar.close()
+    stop.restore()
     progress["train_time_s"] += time.time() - session_start
 
     # 7. the final teacher (EMA weights): a stock-loadable pipeline folder with card, samples and training cost
@@ -424,15 +423,17 @@ def train(args, argv) -> int:
     unet.eval()
     status = 0
     if accelerator.is_main_process:
-        final_loss = f"{training.mean_or_nan(losses[-10:]):.4f}"
+        # from metrics.jsonl, which holds every update of the run, also those before a resume
+        logged = [json.loads(line)["loss"] for line in metrics_path.read_text().splitlines()[-10:]]
+        final_loss = f"{training.mean_or_nan(logged):.4f}"
         cost = {"optimizer_updates": progress["global_step"], "global_batch_size": global_batch,
                 "images_seen": progress["images_seen"], "train_wall_time_s": round(progress["train_time_s"], 1),
                 "parameters": parameters, "num_processes": world, "device": device.type,
                 "mixed_precision": accelerator.mixed_precision}
-        command = training_command(argv, world)
+        command = training.command_line(__file__, argv, world, public=True)
         grid = sample_grid(unet, scheduler.config, args.num_inference_steps, args.num_grid_images, device)
         training.log_grid(accelerator, grid, progress["global_step"])
-        card = ModelCard(model_card(args, args.hub_model_id or str(teacher_dir), command, parameters, cost, final_loss))
+        card = ModelCard(model_card(args, args.hub_model_id or teacher_dir.resolve().name, command, parameters, cost, final_loss))
         save_teacher(teacher_dir, unet, scheduler.config, {
             "README.md": str(card).encode(), "samples.png": training.png_bytes(grid),
             "training_cost.json": (json.dumps(cost, indent=2) + "\n").encode(),

@@ -37,3 +37,27 @@ def save_tiny_teacher(folder, seed: int = 0, **scheduler_kwargs):
 
     DDPMPipeline(unet=tiny_unet(seed), scheduler=DDPMScheduler(num_train_timesteps=1000, **scheduler_kwargs)).save_pretrained(folder)
     return folder
+
+
+def signal_mid_run(command, env, log, progress_pattern: str, signum, cwd=None, timeout: float = 240):
+    """Run `command` with its output in the file `log`; send `signum` as soon as the log matches `progress_pattern`
+    (a progress bar past its first update). Returns (exit status, log text); fails if the run ends first."""
+    import re
+    import subprocess
+    import time
+
+    with open(log, "w") as handle:
+        process = subprocess.Popen([str(c) for c in command], env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout
+        while not re.search(progress_pattern, open(log, errors="replace").read()):
+            assert process.poll() is None, "the run ended before the planned signal: give it more updates"
+            assert time.time() < deadline, "no progress seen"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        status = process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return status, open(log, errors="replace").read()

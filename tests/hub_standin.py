@@ -2,7 +2,8 @@
 
 It answers the routes that `huggingface_hub` 2.4 calls to create a repo and a branch, upload a folder
 (`preupload` + `commit`), validate a model card, list a repo (info, tree, refs) and download files
-(`resolve`, HEAD and GET). Every file is declared "regular" at preupload time, so its bytes arrive
+(`resolve`, HEAD and GET), and the two a `--push_to_hub` preflight calls: `whoami-v2` and
+`auth-check/write` (a repo in `read_only` answers 403 there). Every file is declared "regular" at preupload time, so its bytes arrive
 base64-encoded inside the ndjson commit; responses carry no `X-Xet-*` header, so downloads are plain
 HTTP GETs. Repos live in memory: per repo, `branches` (name -> commit id) and `commits`
 (commit id -> {path: bytes}).
@@ -35,6 +36,7 @@ API_ROUTE = re.compile(
     r"^/api/models/(?P<repo>[^/]+/[^/]+)"
     r"(?:/(?P<action>revision|tree|preupload|commit|branch|refs)(?:/(?P<rev>[^/]+)(?:/(?P<path>.+))?)?)?$"
 )
+AUTH_CHECK_ROUTE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/auth-check(?P<write>/write)?$")
 RESOLVE_ROUTE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
 
@@ -91,6 +93,7 @@ class StandinServer(ThreadingHTTPServer):
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for debugging
         self.lock = threading.Lock()
         self.failure_rules: list[FailureRule] = []
+        self.read_only: set[str] = set()  # repo ids the token may read but not write (auth-check/write answers 403)
         self._counter = 0
 
     def fail_commits(self, count=1, repo_id=None, revision=None, skip=0, status=507):
@@ -171,6 +174,17 @@ class StandinHandler(BaseHTTPRequestHandler):
             return self.create_repo(json.loads(body))
         if method == "POST" and path == "/api/validate-yaml":
             return self.answer({"errors": [], "warnings": []})
+        if method == "GET" and path == "/api/whoami-v2":
+            self.check_token()
+            return self.answer({"type": "user", "name": "standin-user", "orgs": [],
+                                "auth": {"type": "access_token", "accessToken": {"displayName": "standin", "role": "write"}}})
+        match = AUTH_CHECK_ROUTE.match(path)
+        if match and method == "GET":
+            self.check_token()
+            self.get_repo(match["repo"])
+            if match["write"] and match["repo"] in self.server.read_only:
+                raise HubError(403, "You don't have write access to this repo")
+            return self.answer({})
         match = API_ROUTE.match(path)
         if match:
             repo_id, action = match["repo"], match["action"] or "revision"

@@ -23,7 +23,7 @@ from diffusers_pd.hub import HubPushError, folder_digest, is_pushed, read_marker
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_unet  # noqa: E402
-from hub_standin import run_standin  # noqa: E402
+from hub_standin import GITATTRIBUTES, Repo, run_standin  # noqa: E402
 
 TOKEN = "hf_standin_TOKEN_that_must_never_leak_7c41e9"
 STEPS = (8, 4, 2)
@@ -187,6 +187,49 @@ def test_push_without_any_token_fails_clearly_before_contacting_the_hub(monkeypa
     assert read_marker(folder) is None
 
 
+CHECK_PUSH_ACCESS = """
+import json, sys
+from diffusers_pd.hub import check_push_access
+
+errors = {}
+for repo_id in sys.argv[1:]:
+    try:
+        check_push_access(repo_id, private=True)
+        errors[repo_id] = None
+    except ValueError as err:
+        errors[repo_id] = str(err)
+print(json.dumps(errors))
+"""
+
+
+def test_push_access_is_checked_before_any_work(server, tmp_path):
+    """The --push_to_hub preflight: a token, one the Hub takes, a repo it creates or finds, write access; one line."""
+    server.read_only.add("pd-test/read-only")
+    with server.lock:  # two repos that exist before the check
+        for repo_id in ("pd-test/read-only", "pd-test/preexisting"):
+            repo = server.repos[repo_id] = Repo(private=False)
+            repo.branches["main"] = server.new_commit(repo, {".gitattributes": GITATTRIBUTES})
+    commits_before = len(server.commit_log)
+    repos = ["pd-test/preflight-new", "pd-test/preexisting", "pd-test/read-only"]
+    answers = {}
+    for name, token in [("good", TOKEN), ("wrong", "hf_not_the_token"), ("none", None)]:
+        result = run_python(["-c", CHECK_PUSH_ACCESS, *repos], hub_env(server, tmp_path / "hf_home", token=token))
+        assert result.returncode == 0, result.stderr[-3000:]
+        answers[name] = json.loads(result.stdout.splitlines()[-1])
+        assert TOKEN not in result.stdout + result.stderr
+    assert answers["good"]["pd-test/preflight-new"] is None and server.repos["pd-test/preflight-new"].private
+    assert answers["good"]["pd-test/preexisting"] is None
+    assert answers["good"]["pd-test/read-only"].startswith("--push_to_hub: cannot check write access to pd-test/read-only")
+    assert "403" in answers["good"]["pd-test/read-only"]
+    for repo_id in repos:
+        assert answers["wrong"][repo_id].startswith("--push_to_hub: cannot check the token (")
+        assert "the token is invalid or lacks write access" in answers["wrong"][repo_id]
+        assert answers["none"][repo_id].startswith("--push_to_hub needs a Hugging Face token: set HF_TOKEN")
+    for message in [m for answer in answers.values() for m in answer.values() if m]:
+        assert "\n" not in message
+    assert len(server.commit_log) == commits_before  # nothing uploaded
+
+
 def test_find_students_orders_by_steps_and_skips_unfinished_folders(tmp_path):
     for name in ("student-2steps", "student-16steps", "student-4steps", "other"):
         (tmp_path / name).mkdir()
@@ -282,11 +325,13 @@ def test_failed_push_leaves_students_intact_and_the_cli_pushes_the_rest(server, 
         assert "507" in message and "Injected failure" in message
         assert f"python -m diffusers_pd.hub push {output_dir} --hub_model_id {repo_id}" in message
         assert files_of(output_dir) == before[repo_id]  # byte-identical, nothing half-written
+        # a failed student does not stop the others: 8 and 2 went up, 4 failed, and main holds the newest (2)
         assert read_marker(output_dir / "student-8steps")["repo_id"] == repo_id
         assert read_marker(output_dir / "student-4steps") is None
-        assert read_marker(output_dir / "student-2steps") is None
-        assert branch_files(server, repo_id, "main") == branch_files(server, repo_id, "student-8steps")
-    head_of_8 = {repo_id: server.repos[repo_id].branches["student-8steps"] for repo_id in output_dirs}
+        assert read_marker(output_dir / "student-2steps")["repo_id"] == repo_id
+        assert branch_files(server, repo_id, "main") == branch_files(server, repo_id, "student-2steps")
+    heads = {repo_id: {branch: server.repos[repo_id].branches[branch] for branch in ("student-8steps", "student-2steps", "main")}
+             for repo_id in output_dirs}
 
     outputs = [first.stdout, first.stderr]
     for repo_id, output_dir in output_dirs.items():
@@ -297,10 +342,10 @@ def test_failed_push_leaves_students_intact_and_the_cli_pushes_the_rest(server, 
         )
         outputs += [retry.stdout, retry.stderr]
         assert retry.returncode == 0, retry.stderr[-3000:]
-        assert "Pushed 2 student(s)" in retry.stderr
+        assert "Pushed 1 student(s)" in retry.stderr
         new_commits = [c for c in server.commit_log[commits_before:] if c["repo_id"] == repo_id]
-        assert "student-8steps" not in {commit["revision"] for commit in new_commits}
-        assert server.repos[repo_id].branches["student-8steps"] == head_of_8[repo_id]
+        assert not {"student-8steps", "student-2steps", "main"} & {commit["revision"] for commit in new_commits}
+        assert {branch: server.repos[repo_id].branches[branch] for branch in heads[repo_id]} == heads[repo_id]
         if failures[repo_id]["revision"] == "main":  # the branch was already complete: no new commit there
             assert "student-4steps" not in {commit["revision"] for commit in new_commits}
         for num_steps in STEPS:

@@ -32,7 +32,7 @@ def test_bare_unet_folder_with_scheduler_beside_or_given(tmp_path):
 
 
 def test_wrong_teachers_name_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="missing or unreadable"):
+    with pytest.raises(ValueError, match="nowhere: no such folder, and not a Hub id either: pass a Hub id or folder"):
         load_teacher(str(tmp_path / "nowhere"))
     (tmp_path / "file.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match="is a file"):
@@ -42,3 +42,38 @@ def test_wrong_teachers_name_the_fix(tmp_path):
                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).save_pretrained(tmp_path / "cond")
     with pytest.raises(ValueError, match="UNet2DConditionModel, not a UNet2DModel.*Stable Diffusion"):
         load_teacher(str(tmp_path / "cond"))
+
+
+UNREACHABLE = """
+from diffusers_pd.loading import load_teacher
+try:
+    load_teacher("someone/a-teacher")
+except ValueError as error:
+    print(error)
+"""
+
+
+def test_an_unreachable_hub_is_named_at_once_with_the_offline_alternative(tmp_path):
+    """A closed port as HF_ENDPOINT: one look fails, and the error is about the network, not a missing teacher."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run([sys.executable, "-c", UNREACHABLE], env=env, capture_output=True, text=True, timeout=300)
+    message = result.stdout.splitlines()[0]
+    assert message.startswith("--teacher someone/a-teacher: no such folder, and the Hub at http://127.0.0.1:9 cannot be "
+                              "reached"), result.stdout + result.stderr[-2000:]
+    assert "set HF_HUB_OFFLINE=1 to use the local Hub cache" in message
+    assert "Retrying" not in result.stderr  # no minute of retries before the answer
+
+
+def test_public_name_never_holds_a_machine_path(tmp_path):
+    from diffusers_pd.loading import public_name
+
+    save_tiny_teacher(tmp_path / "my-teacher")
+    assert public_name(str(tmp_path / "my-teacher")) == "my-teacher"
+    assert public_name("google/ddpm-cifar10-32") == "google/ddpm-cifar10-32"
+    unet, _ = load_teacher(str(tmp_path / "my-teacher"))
+    assert unet.config._name_or_path == "my-teacher"  # what every student saved from it records

@@ -63,14 +63,35 @@ def test_eps_teacher_to_v_students_load_in_plain_diffusers(tmp_path):
         meta = config["_diffusers_pd"]
         assert config["prediction_type"] == "v_prediction" and meta["num_inference_steps"] == steps
         assert meta["teacher_prediction_type"] == ("epsilon" if steps == 4 else "v_prediction")
-        assert meta["stock_exact"] and meta["teacher"] == str(teacher)
+        assert meta["stock_exact"] and (meta["teacher"], meta["teacher_source"]) == ("teacher", "local")
         np.testing.assert_allclose(np.load(folder / "stock.npy"), our_images(folder, steps), atol=1e-5)
         card = ModelCard.load(folder / "README.md")
         assert card.data.library_name == "diffusers" and f"num_inference_steps={steps}" in card.text
         with Image.open(folder / "samples.png") as grid:
-            assert grid.size == (2 * 8, 2 * 8)
+            assert grid.size == (2 * 64 + 2, 2 * 64 + 2)  # 2 x 2 samples of 8 x 8, upscaled 8x, 2-pixel gutter
     summary = json.loads((out / "summary.json").read_text())
     assert [row["steps"] for row in summary] == [4, 2] and all(np.isfinite(row["final_loss"]) for row in summary)
+    for row in summary:  # the warning mark says exactly whether the student lost to the teacher's own DDIM
+        worse = row["mse_to_teacher"] > row["teacher_ddim_mse"]
+        assert row["vs_teacher_ddim"] == ("WORSE: raise --iterations_per_stage" if worse else "better")
+    assert "first_loss / final_loss: mean loss of the stage's first / last 10 updates" in result.stdout
+
+
+def test_nothing_pushable_holds_a_machine_path(tmp_path):
+    """Student folders (cards, metadata) and the summary name a local teacher by its folder name only."""
+    teacher = save_tiny_teacher(tmp_path / "my-teacher")
+    out = tmp_path / "out"
+    run_distill("--teacher", teacher, "--dataset_name", "digits", "--start_steps", 4, "--end_steps", 2,
+                "--iterations_per_stage", 1, "--train_batch_size", 4, "--output_dir", out, "--num_grid_images", 1,
+                "--num_validation_samples", 2)
+    written = [p for p in [*(out / "student-2steps").rglob("*"), out / "summary.json", out / "summary.md"] if p.is_file()]
+    assert len(written) >= 6
+    for path in written:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        assert str(tmp_path) not in text and (len(str(Path.home())) < 2 or str(Path.home()) not in text), path
+    card = ModelCard.load(out / "student-2steps" / "README.md")
+    assert "student of `my-teacher`" in card.text and card.data.base_model is None  # a folder is no Hub base model
+    assert 'from_pretrained("student-2steps")' in card.text  # the folder's name, not where it lies
 
 
 def test_zero_learning_rate_student_is_the_teacher(tmp_path):
@@ -142,3 +163,19 @@ def test_distilled_two_step_student_beats_the_teachers_two_step_ddim(tmp_path):
     student_mse = (student - reference).pow(2).mean()
     ddim_mse = (teacher_ddim - reference).pow(2).mean()
     assert student_mse < 0.5 * ddim_mse, (student_mse, ddim_mse)
+
+
+def test_a_student_worse_than_the_teachers_ddim_is_flagged_with_what_helps(tmp_path):
+    """A learning rate that wrecks the student in 2 updates: the stage warns and its summary row says so."""
+    teacher = save_tiny_teacher(tmp_path / "teacher", prediction_type="v_prediction")
+    out = tmp_path / "out"
+    result = run_distill("--teacher", teacher, "--dataset_name", "digits", "--start_steps", 4, "--end_steps", 2,
+                         "--iterations_per_stage", 2, "--train_batch_size", 4, "--learning_rate", 0.5,
+                         "--max_grad_norm", 0, "--output_dir", out, "--num_grid_images", 1, "--num_validation_samples", 8)
+    row = json.loads((out / "summary.json").read_text())[0]
+    assert row["mse_to_teacher"] > row["teacher_ddim_mse"]
+    assert row["vs_teacher_ddim"] == "WORSE: raise --iterations_per_stage"
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line and "Stage 4 -> 2" in line]
+    assert len(warnings) == 1 and "than the teacher's own 2-step DDIM" in warnings[0]
+    assert "raise --iterations_per_stage (now 2)" in warnings[0]
+    assert "WORSE: raise --iterations_per_stage" in (out / "summary.md").read_text()

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_teacher, tiny_unet
+from conftest import save_tiny_teacher, signal_mid_run, tiny_unet
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -64,8 +65,8 @@ def distill_command(*args) -> list:
     return [sys.executable, str(SCRIPT), *map(str, args)]
 
 
-def run(command: list, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([str(part) for part in command], env=env, capture_output=True, text=True, timeout=timeout)
+def run(command: list, env: dict, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(part) for part in command], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def unet_weights(folder: Path) -> dict:
@@ -257,7 +258,9 @@ def test_students_pushed_during_training_load_back_and_a_failed_push_is_retried(
     outputs = []
     with run_standin(token=TOKEN) as server:
         env = script_env(hf_home, hub_url=server.url, HF_TOKEN=TOKEN)
-        # The 4-step student's branch commit fails twice: at its own stage and at the 2-step stage's catch-up push.
+        # The 8-step student's branch commit fails at its own stage and at the 4-step stage's catch-up push, the
+        # 4-step one's at its own stage and at the 2-step stage's catch-up: every stage tries every pending student.
+        server.fail_commits(count=2, repo_id=repo_id, revision="student-8steps")
         server.fail_commits(count=2, repo_id=repo_id, revision="student-4steps")
         train = run(distill_command(*TINY, "--report_to", "tensorboard", "--teacher", teachers["eps"], "--start_steps", 16,
                                     "--end_steps", 2, "--iterations_per_stage", 2, "--train_batch_size", 4,
@@ -266,21 +269,23 @@ def test_students_pushed_during_training_load_back_and_a_failed_push_is_retried(
         outputs += [train.stdout, train.stderr]
         assert train.returncode == 0, train.stderr[-4000:]  # every stage finished despite the failed pushes
         retry = f"python -m diffusers_pd.hub push {out} --hub_model_id {repo_id}"
-        assert re.search(rf"Could not push {re.escape(str(out / 'student-4steps'))} to Hub repo {repo_id} "
-                         r"\(branch student-4steps\): .*507.*The student is safe on disk; retry with: " + re.escape(retry),
-                         train.stderr)
-        assert f"2 push(es) failed; the students are safe locally. Retry without retraining:\n  {retry}" in train.stdout
+        failed = {n: rf"Could not push {re.escape(str(out / f'student-{n}steps'))} to Hub repo {repo_id} "
+                     rf"\(branch student-{n}steps\): .*507.*The student is safe on disk; retry with: " + re.escape(retry)
+                  for n in (8, 4)}
+        assert len(re.findall(failed[8], train.stderr)) == len(re.findall(failed[4], train.stderr)) == 2
+        assert re.search(failed[8] + r"\n" + failed[4], train.stderr)  # stage 2 names 8 (catch-up), then its own 4
+        assert f"1 push(es) failed; the students are safe locally. Retry without retraining:\n  {retry}" in train.stdout
         summary = json.loads((out / "summary.json").read_text())
-        assert [(row["steps"], row["hub"]) for row in summary] == [(8, "pushed"), (4, "push failed"), (2, "push failed")]
+        assert [(row["steps"], row["hub"]) for row in summary] == [(8, "pushed"), (4, "push failed"), (2, "pushed")]
         repo = server.repos[repo_id]
-        assert repo.commits[repo.branches["main"]] == repo.commits[repo.branches["student-8steps"]]  # newest so far
+        assert repo.commits[repo.branches["main"]] == repo.commits[repo.branches["student-2steps"]]  # the newest
         students = {n: out / f"student-{n}steps" for n in (8, 4, 2)}
         before_retry = {n: files_of(folder) for n, folder in students.items()}
 
         cli = run([sys.executable, "-m", "diffusers_pd.hub", "push", out, "--hub_model_id", repo_id], env)
         outputs += [cli.stdout, cli.stderr]
         assert cli.returncode == 0, cli.stderr[-4000:]
-        assert "Pushed 2 student(s)" in cli.stderr
+        assert "Pushed 1 student(s)" in cli.stderr
         assert {n: files_of(folder) for n, folder in students.items()} == before_retry  # local students intact
         for n, folder in students.items():
             branch = dict(repo.commits[repo.branches[f"student-{n}steps"]])
@@ -313,7 +318,15 @@ def test_students_pushed_during_training_load_back_and_a_failed_push_is_retried(
 # ----------------------------------------------------------------------------------------------- 4. bad input
 BAD_INPUTS = {
     "missing_teacher": (["--teacher", "{tmp}/no_such_teacher"],
-                        r"Cannot read a teacher at .*no_such_teacher.*: pass a Hub id or folder holding a pipeline"),
+                        r"--teacher .*no_such_teacher: no such folder, and not a Hub id either: pass a Hub id or folder"),
+    # without data as well: the teacher comes first (it decides which data fits)
+    "missing_teacher_no_data": (["--teacher", "{tmp}/no_such_teacher"], r"--teacher .*no_such_teacher: no such folder"),
+    "teacher_not_in_offline_cache": (["--teacher", "someone/not-cached"],
+                                     r"Cannot read a teacher at 'someone/not-cached' \(missing or unreadable; "
+                                     r"HF_HUB_OFFLINE is set, so only the local Hub cache was read\)"),
+    "end_steps_zero": (["--end_steps", "0"], r"--end_steps 0 is not a step count: pass 1 or more"),
+    "push_offline": (["--push_to_hub", "--hub_model_id", "you/name"],
+                     r"--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub"),
     "conditional_unet": (["--teacher", "{conditional}"],
                          r"unet is a UNet2DConditionModel, not a UNet2DModel: .*unconditional UNet2DModel teachers"),
     "no_image_column": (["--image_column", "nope"],
@@ -342,6 +355,8 @@ def test_bad_input_fails_once_clearly_before_writing_anything(case, teachers, tm
     before = snapshot(out) if out.exists() else None
     args = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 2,
             "--train_batch_size", 4, "--output_dir", out, *extra]  # a later --teacher overrides the first
+    if case == "missing_teacher_no_data":
+        args = args[2:]  # TINY starts with --dataset_name digits
     result = run(distill_command(*args), script_env(tmp_path / "hf_home"))
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -387,3 +402,74 @@ def test_resume_sweeps_temp_folders_of_a_killed_run(tmp_path):
         (tmp_path / name).mkdir()
     sweep_leftovers(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "checkpoint-6"]
+
+
+# ----------------------------------------------------------------------------------------------- 6. Ctrl-C / SIGTERM
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resumed_run_ends_the_same(teachers, tmp_path):
+    common = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 40,
+              "--train_batch_size", 4, "--ema_decay", 0.9, "--checkpointing_steps", 1000, "--num_validation_samples", 4]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    env = script_env(tmp_path / "hf_home")
+    status, text = signal_mid_run(distill_command(*common, "--output_dir", stopped), env, tmp_path / "stopped.log",
+                                  r"stage 1/2: [^\r\n]*\| *[1-9]\d*/40", signal.SIGINT, cwd=ROOT)  # mid-stage 1
+    assert status == 130, text[-3000:]  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+    lines = re.findall(r"Stopped by SIGINT at update (\d+): saved (\S+)\. Resume with: (.+)$", text, flags=re.M)
+    assert len(lines) == 1, text[-3000:]
+    update, checkpoint, command = int(lines[0][0]), Path(lines[0][1]), lines[0][2]
+    assert checkpoint == stopped / f"checkpoint-{update}" and 0 < update < 80
+    assert checkpoint_folders(stopped)[-1] == checkpoint  # the newest: nothing was trained after it
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    assert progress["global_step"] == update and not (stopped / "summary.json").exists()
+    argv = [str(a) for a in common] + ["--output_dir", str(stopped), "--resume_from_checkpoint", "latest"]
+    assert command == shlex.join(["python", "examples/train_distill.py", *argv])  # the exact command, as typed
+
+    resumed = run([sys.executable, *shlex.split(command)[1:]], env, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert run(distill_command(*common, "--output_dir", straight), env).returncode == 0
+    for steps in (4, 2):
+        assert max_abs_diff(unet_weights(straight / f"student-{steps}steps"), unet_weights(stopped / f"student-{steps}steps")) <= 1e-6
+    # the resumed stage's summary row covers the whole stage: its losses from update 1, its time from the start
+    rows = {d: json.loads((d / "summary.json").read_text()) for d in (straight, stopped)}
+    for a, b in zip(rows[straight], rows[stopped], strict=True):
+        np.testing.assert_allclose([a["first_loss"], a["final_loss"]], [b["first_loss"], b["final_loss"]], rtol=1e-5)
+    stage = progress["stage"]
+    if progress["step"]:  # stopped inside a stage
+        assert rows[stopped][stage]["time_s"] >= round(progress["stage_time_s"], 1) and progress["stage_time_s"] > 0
+
+
+def test_push_to_hub_is_checked_before_any_work(teachers, tmp_path):
+    """No token, or a token that may not write the repo: one line before anything is trained or written."""
+    out = tmp_path / "out"
+    args = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 2,
+            "--output_dir", out, "--push_to_hub", "--hub_model_id", "pd-user/locked"]
+    with run_standin(token=TOKEN) as server:
+        no_token = run(distill_command(*args), script_env(tmp_path / "hf_home", hub_url=server.url))
+        server.read_only.add("pd-user/locked")
+        with_token = run(distill_command(*args), script_env(tmp_path / "hf_home", hub_url=server.url, HF_TOKEN=TOKEN))
+        assert "pd-user/locked" in server.repos  # created by the preflight, then found not writable
+        assert not any(c["repo_id"] == "pd-user/locked" for c in server.commit_log)  # nothing uploaded
+    for result, message in [(no_token, "--push_to_hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login`"),
+                            (with_token, "--push_to_hub: cannot check write access to pd-user/locked (")]:
+        assert result.returncode != 0
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert "stage 1/" not in result.stderr + result.stdout
+        assert TOKEN not in result.stderr + result.stdout
+    assert not out.exists()
+
+
+def test_a_folder_stopped_before_its_first_checkpoint_counts_as_empty(tmp_path, caplog):
+    from diffusers_pd.training import check_output_dir, find_checkpoint, run_leftovers
+
+    (tmp_path / "logs" / "train_distill").mkdir(parents=True)
+    (tmp_path / ".checkpoint-5.tmp").mkdir()
+    with caplog.at_level("WARNING"):
+        check_output_dir(str(tmp_path), overwrite=False, resume=None, leftovers=run_leftovers("logs"))
+        assert find_checkpoint(tmp_path, "latest") is None
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path} holds only logs of a run stopped before its first checkpoint: starting from scratch.",
+        f"--resume_from_checkpoint latest: no checkpoint in {tmp_path} yet, starting from scratch.",
+    ]
+    (tmp_path / "student-4steps").mkdir()  # anything else: refused as before
+    with pytest.raises(ValueError, match="exists and is not empty"):
+        check_output_dir(str(tmp_path), overwrite=False, resume=None, leftovers=run_leftovers("logs"))

@@ -7,7 +7,9 @@ is the loopback stand-in of tests/hub_standin.py: nothing leaves the machine.
 import importlib.util
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,8 @@ from diffusers import UNet2DModel
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
+
+from conftest import signal_mid_run
 
 from diffusers_pd import ProgressiveDistillationPipeline, cosine_trained_betas, training
 
@@ -144,10 +148,14 @@ def test_teacher_folder_is_a_stock_pipeline_with_card_samples_and_cost(trained):
 
     card = ModelCard.load(teacher / "README.md")
     assert card.data.library_name == "diffusers" and "teacher" in card.text.lower()
-    assert shlex.join(["python", "examples/train_teacher.py", *public]) in card.text  # the exact command, no token
+    # the exact command, no token, and no machine path: the output folder (outside the working folder) by its name
+    card_words = ["out" if word == str(output_dir) else word for word in public]
+    assert shlex.join(["python", "examples/train_teacher.py", *card_words]) in card.text
+    for path in teacher.rglob("*"):
+        assert not path.is_file() or str(output_dir.parent).encode() not in path.read_bytes(), path
     assert 'from_pretrained("pd-test/teacher")' in card.text
     with Image.open(teacher / "samples.png") as grid:
-        assert grid.size == (16, 16)  # 2 x 2 samples of 8 x 8
+        assert grid.size == (2 * 64 + 2, 2 * 64 + 2)  # 2 x 2 samples of 8 x 8, upscaled 8x, 2-pixel gutter
     assert (output_dir / "samples" / "step-0000020.png").is_file()
     assert losses(output_dir)[-1] > 0 and "Teacher trained: 40 updates x 8 images" in result.stdout
 
@@ -294,13 +302,44 @@ def test_resume_with_another_model_is_refused_before_writing(script, trained):
     assert {p: p.stat().st_mtime_ns for p in output_dir.rglob("*")} == before
 
 
-def test_training_command_never_holds_the_token(script, monkeypatch):
+def test_training_command_never_holds_the_token_nor_a_machine_path(monkeypatch):
     monkeypatch.chdir(ROOT)
     argv = ["--dataset_name", "digits", "--hub_token", "secret1", "--hub_token=secret2", "--push_to_hub"]
-    assert script.training_command(argv, 1) == "python examples/train_teacher.py --dataset_name digits --push_to_hub"
-    assert script.training_command(argv, 4) == (
+    assert training.command_line(str(SCRIPT), argv, 1) == "python examples/train_teacher.py --dataset_name digits --push_to_hub"
+    assert training.command_line(str(SCRIPT), argv, 4) == (
         "accelerate launch --num_processes 4 examples/train_teacher.py --dataset_name digits --push_to_hub"
     )
+    paths = ["--train_data_dir", "/home/someone/data/faces", f"--teacher_dir={ROOT}/runs/t", "--output_dir", "/srv/x y"]
+    assert training.command_line(str(SCRIPT), paths, 1, public=True) == (
+        "python examples/train_teacher.py --train_data_dir faces --teacher_dir=runs/t --output_dir 'x y'"
+    )
+    assert training.command_line(str(SCRIPT), paths, 1) == shlex.join(["python", "examples/train_teacher.py", *paths])
+    resume = ["--output_dir", "o", "--resume_from_checkpoint", "checkpoint-4", "--resume_from_checkpoint=x", "--hub_token", "t"]
+    assert training.resume_command(str(SCRIPT), resume, 1) == (
+        "python examples/train_teacher.py --output_dir o --resume_from_checkpoint latest"
+    )
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_with_the_same_teacher(tmp_path):
+    common = [*TINY, "--max_train_steps", "60", "--learning_rate", "2e-3", "--lr_warmup_steps", "3", "--dropout", "0.1",
+              "--checkpointing_steps", "1000", "--save_images_steps", "1000", "--report_to", "none"]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    status, text = signal_mid_run([sys.executable, SCRIPT, *common, "--output_dir", stopped], offline_env(),
+                                  tmp_path / "stopped.log", r"teacher: [^\r\n]*\| *[1-9]\d*/60", signal.SIGTERM, cwd=ROOT)
+    assert status == 143, text[-3000:]  # 128 + SIGTERM
+    found = re.findall(r"Stopped by SIGTERM at update (\d+): saved (\S+)\. Resume with: (.+)$", text, flags=re.M)
+    assert len(found) == 1, text[-3000:]
+    update, checkpoint, command = int(found[0][0]), Path(found[0][1]), found[0][2]
+    assert checkpoint == stopped / f"checkpoint-{update}" and 0 < update < 60
+    assert [p.name for p in training.list_checkpoints(stopped)] == [checkpoint.name]
+    assert not (stopped / "teacher").exists()
+    assert command == shlex.join(["python", "examples/train_teacher.py", *common, "--output_dir", str(stopped),
+                                  "--resume_from_checkpoint", "latest"])
+    train(shlex.split(command)[2:])  # as printed (python -> this interpreter)
+    train([*common, "--output_dir", str(straight)])
+    name = "teacher/unet/diffusion_pytorch_model.safetensors"
+    assert max_difference(load_file(straight / name), load_file(stopped / name)) <= 1e-6
+    np.testing.assert_allclose(losses(straight), losses(stopped), rtol=0, atol=1e-6)
 
 
 def test_linear_warmup_lr_rises_linearly_then_stays_constant():

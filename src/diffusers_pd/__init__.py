@@ -1,24 +1,34 @@
-"""diffusers_pd: progressive distillation and SFD for Hugging Face diffusers."""
+"""diffusers_pd: progressive distillation and SFD for Hugging Face diffusers.
+
+The public names are imported on first use (as diffusers does), so `import diffusers_pd.arguments` costs no torch
+or diffusers import and a script answers `--help` at once.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .export import save_student, stock_scheduler_for, student_metadata
-from .pipeline import ProgressiveDistillationPipeline, denoise, initial_noise, student_steps
-from .scheduler import ProgressiveDistillationScheduler, ProgressiveDistillationSchedulerOutput
-from .schedules import alphas_cumprod_from_config, cosine_logsnr, cosine_trained_betas, trailing_timesteps
+# public name -> the module that defines it
+_EXPORTS = {
+    "save_student": "export", "stock_scheduler_for": "export", "student_metadata": "export",
+    "ProgressiveDistillationPipeline": "pipeline", "denoise": "pipeline", "initial_noise": "pipeline",
+    "student_steps": "pipeline",
+    "ProgressiveDistillationScheduler": "scheduler", "ProgressiveDistillationSchedulerOutput": "scheduler",
+    "alphas_cumprod_from_config": "schedules", "cosine_logsnr": "schedules", "cosine_trained_betas": "schedules",
+    "trailing_timesteps": "schedules",
+}
 
-__all__ = [
-    "ProgressiveDistillationPipeline",
-    "ProgressiveDistillationScheduler",
-    "ProgressiveDistillationSchedulerOutput",
-    "alphas_cumprod_from_config",
-    "cosine_logsnr",
-    "cosine_trained_betas",
-    "denoise",
-    "initial_noise",
-    "save_student",
-    "stock_scheduler_for",
-    "student_metadata",
-    "student_steps",
-    "trailing_timesteps",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import the module of a public name on first use (PEP 562)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])

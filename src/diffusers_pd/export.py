@@ -298,7 +298,11 @@ Always pass `num_inference_steps={steps}`: the student was trained for exactly t
 def model_card_text(info: Dict[str, Any], repo_or_folder: str, training: Optional[Dict[str, Any]] = None) -> str:
     """A Hub model card (YAML metadata + usage) for a saved student described by its metadata `info`."""
     teacher = info.get("teacher") or "a diffusion model"
-    base_model = info.get("teacher") if info.get("teacher") and not Path(str(info["teacher"])).exists() else None
+    # the Hub's base_model only for a Hub teacher (`teacher_source`; older metadata: a name that is no local folder)
+    from_hub = info.get("teacher_source", "local" if Path(str(teacher)).exists() else "hub") == "hub"
+    base_model = info.get("teacher") if info.get("teacher") and from_hub else None
+    if Path(repo_or_folder).is_absolute():  # a card can be pushed: never a machine path, the folder name only
+        repo_or_folder = Path(repo_or_folder).name
     method = info.get("method", "progressive_distillation")
     rows = {"method": method, "steps": info["num_inference_steps"], "teacher prediction type": info.get("teacher_prediction_type"),
             "student prediction type": info["prediction_type"], **(training or {})}

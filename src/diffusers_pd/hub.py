@@ -48,6 +48,38 @@ def resolve_token(hub_token: str | None = None) -> str | None:
     return hub_token or os.environ.get("HF_TOKEN") or get_token()
 
 
+def check_push_access(repo_id: str, token: str | None = None, private: bool = False) -> None:
+    """Before any training: a token is there, the Hub takes it, and `repo_id` exists (or is created now) and the
+    token may write to it. Raises ValueError with one line naming the fix; uploads nothing."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError("--push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset it, or drop --push_to_hub "
+                         "(and push later with `python -m diffusers_pd.hub push`).")
+    token = resolve_token(token)
+    if token is None:
+        raise ValueError("--push_to_hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login` "
+                         "(or pass --hub_token).")
+    api = HfApi(token=token)
+    step = "check the token"
+    try:
+        role = ((api.whoami().get("auth") or {}).get("accessToken") or {}).get("role")
+        if role == "read":
+            raise ValueError(f"--push_to_hub: the Hugging Face token is read-only, so it cannot push to {repo_id}: "
+                             "use a token with write access.")
+        step = f"create {repo_id}"
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        step = f"check write access to {repo_id}"
+        api.auth_check(repo_id, write=True)
+    except ValueError:
+        raise
+    except Exception as err:
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        hint = ("the token is invalid or lacks write access to this repo or namespace" if status in (401, 403)
+                else f"is the Hub at {constants.ENDPOINT} reachable?" if status is None else "see the Hub's message")
+        raise ValueError(f"--push_to_hub: cannot {step} ({_describe(err)}): {hint}. Nothing was trained or written.") from None
+
+
 def student_branch(num_steps: int) -> str:
     """Branch name of the student that samples in `num_steps` steps."""
     return f"student-{num_steps}steps"
@@ -180,19 +212,30 @@ def find_students(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def push_pending(output_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False) -> list[str]:
-    """Push, most steps first, every student of `output_dir` not yet on `repo_id`; return their branches."""
+    """Push, most steps first, every student of `output_dir` not yet on `repo_id`; return their branches.
+
+    A failed push does not stop the others: each student gets its try, then one HubPushError names every student
+    that failed (one line each).
+    """
     students = find_students(output_dir)
     done = [num_steps for num_steps, folder in students if is_pushed(folder, repo_id)]
     token = resolve_token(token)
-    pushed = []
+    pushed, failures = [], []
     for num_steps, folder in students:
         if num_steps in done:
             logger.info("Already on %s: %s", repo_id, folder)
             continue
         # `main` only moves forward: it keeps a newer student that is already there.
         newer_on_hub = any(steps < num_steps for steps in done)
-        push_student(folder, repo_id, num_steps, token=token, private=private, update_main=not newer_on_hub)
+        try:
+            push_student(folder, repo_id, num_steps, token=token, private=private, update_main=not newer_on_hub)
+        except HubPushError as err:
+            failures.append(str(err))
+            continue
+        done.append(num_steps)
         pushed.append(student_branch(num_steps))
+    if failures:
+        raise HubPushError("\n".join(failures))
     return pushed
 
 

@@ -13,6 +13,38 @@ TEACHER_LAYOUTS = (
 )
 
 
+def public_name(name_or_path: str) -> str:
+    """How a model is named in anything that can be pushed: a Hub id as given, a local folder by its name only."""
+    local = Path(name_or_path)
+    return local.resolve().name if local.exists() else str(name_or_path)
+
+
+def check_hub_reachable(name: str, revision: Optional[str]) -> None:
+    """One quick look at the Hub for a teacher that is no local folder, so a network problem is named at once
+    (the downloads retry for about a minute before failing); raises ValueError naming the fix."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ValueError(f"--teacher {name}: no such folder, and not a Hub id either: pass {TEACHER_LAYOUTS}.") from None
+    if _offline():  # only the local Hub cache can be read: load_teacher says so if the teacher is not there
+        return
+    try:
+        HfApi().model_info(name, revision=revision)
+    except RepositoryNotFoundError:
+        raise ValueError(f"--teacher {name}: no such folder, and no such Hub repo (or a private one: set HF_TOKEN "
+                         "or run `hf auth login`).") from None
+    except RevisionNotFoundError:
+        raise ValueError(f"--teacher_revision {revision}: no such revision of the Hub repo {name}.") from None
+    except Exception as error:  # the network: connection refused, DNS, timeout, proxy
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ValueError(f"--teacher {name}: no such folder, and the Hub at {constants.ENDPOINT} cannot be reached "
+                         f"({cause}): check the network, or set HF_HUB_OFFLINE=1 to use the local Hub cache.") from None
+
+
 def _load_config(cls_or_obj, name_or_path: str, subfolder: Optional[str], revision: Optional[str]) -> Optional[Dict[str, Any]]:
     """A config dict, or None if there is none at that place."""
     try:
@@ -29,6 +61,13 @@ def _is_pipeline(name_or_path: str, revision: Optional[str]) -> bool:
     return _load_config(UNet2DModel, name_or_path, "unet", revision) is not None
 
 
+def _offline() -> bool:
+    """Whether huggingface_hub runs offline (HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def load_teacher(
     name_or_path: str,
     scheduler: Optional[str] = None,
@@ -38,10 +77,13 @@ def load_teacher(
     local = Path(name_or_path)
     if local.exists() and not local.is_dir():
         raise ValueError(f"--teacher {name_or_path} is a file: pass {TEACHER_LAYOUTS}.")
+    if not local.exists():
+        check_hub_reachable(name_or_path, revision)
     unet_subfolder = "unet" if _is_pipeline(name_or_path, revision) else None
     unet_config = _load_config(UNet2DModel, name_or_path, unet_subfolder, revision)
     if unet_config is None:
-        raise ValueError(f"Cannot read a teacher at {name_or_path!r} (missing or unreadable): pass {TEACHER_LAYOUTS}.")
+        offline = "; HF_HUB_OFFLINE is set, so only the local Hub cache was read" if not local.exists() and _offline() else ""
+        raise ValueError(f"Cannot read a teacher at {name_or_path!r} (missing or unreadable{offline}): pass {TEACHER_LAYOUTS}.")
     class_name = unet_config.get("_class_name", "UNet2DModel")
     if class_name != "UNet2DModel":
         raise ValueError(
@@ -61,4 +103,6 @@ def load_teacher(
         unet = UNet2DModel.from_pretrained(name_or_path, subfolder=unet_subfolder, revision=revision)
     except (OSError, EnvironmentError, ValueError, RuntimeError) as error:
         raise ValueError(f"Cannot load the teacher's weights from {name_or_path!r}: {error}".splitlines()[0]) from error
+    # diffusers records the source in the config, which every student saved from this unet copies: no machine path
+    unet.register_to_config(_name_or_path=public_name(name_or_path))
     return unet, scheduler_config

@@ -1,13 +1,14 @@
 """`ProgressiveDistillationPipeline`: sample a distilled student on the grid it was trained for."""
 
+import math
 import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
-from diffusers.utils import make_image_grid
 from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from PIL import Image
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
@@ -168,7 +169,21 @@ def sample_grid(unet: UNet2DModel, scheduler_config, num_steps: int, num_images:
     images = pipe(num_inference_steps=num_steps, latents=latents.to(device or unet.device)).images
     unet.train(was_training)
     rows = max(1, int(num_images**0.5))
-    return make_image_grid(images[: rows * (num_images // rows)], rows=rows, cols=num_images // rows)
+    return image_grid(images[: rows * (num_images // rows)], cols=num_images // rows)
+
+
+def image_grid(images: List[Image.Image], cols: int, min_size: int = 64, gutter: int = 2) -> Image.Image:
+    """Tile images `cols` per row on white, `gutter` pixels apart, each upscaled (nearest neighbour) by the smallest
+    integer factor that makes it at least `min_size` pixels, so an 8x8 sample is visible in a model card."""
+    width, height = images[0].size
+    scale = max(1, math.ceil(min_size / min(width, height)))
+    tile_w, tile_h = width * scale, height * scale
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new(images[0].mode, (cols * tile_w + (cols - 1) * gutter, rows * tile_h + (rows - 1) * gutter), "white")
+    for i, image in enumerate(images):
+        position = ((i % cols) * (tile_w + gutter), (i // cols) * (tile_h + gutter))
+        grid.paste(image.resize((tile_w, tile_h), Image.Resampling.NEAREST), position)
+    return grid
 
 
 @torch.no_grad()

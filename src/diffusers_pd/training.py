@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .arguments import add_data_args, add_optimization_args, add_output_args  # noqa: F401 (their old home)
 from .atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -30,63 +32,6 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ----------------------------------------------------------------------------------------------- arguments
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Data arguments, named as in diffusers' train_unconditional.py."""
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset_name", type=str, default=None,
-                       help="Hub data set, or an offline built-in: `digits` (sklearn 8x8) or `fashion_mnist` (Debian package).")
-    group.add_argument("--dataset_config_name", type=str, default=None)
-    group.add_argument("--train_data_dir", type=str, default=None, help="A folder of images (an `imagefolder` data set).")
-    group.add_argument("--image_column", type=str, default=None, help="Column holding the images (default: auto).")
-    group.add_argument("--split", type=str, default="train")
-    group.add_argument("--cache_dir", type=str, default=None)
-    group.add_argument("--resolution", type=int, default=None, help="Default: the teacher's sample_size.")
-    group.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--random_flip", action="store_true", help="Randomly flip images horizontally.")
-    group.add_argument("--dataloader_num_workers", type=int, default=0)
-
-
-def add_optimization_args(
-    parser: argparse.ArgumentParser, learning_rate: float, ema_decay: Optional[float] = None
-) -> None:
-    """Optimizer, precision and reproducibility arguments (`ema_decay`: the script's default, None = off)."""
-    group = parser.add_argument_group("optimization")
-    group.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
-    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    group.add_argument("--learning_rate", type=float, default=learning_rate)
-    group.add_argument("--adam_beta1", type=float, default=0.9)
-    group.add_argument("--adam_beta2", type=float, default=0.999)
-    group.add_argument("--adam_weight_decay", type=float, default=0.0)
-    group.add_argument("--adam_epsilon", type=float, default=1e-8)
-    group.add_argument("--max_grad_norm", type=float, default=1.0)
-    group.add_argument("--ema_decay", type=float, default=ema_decay,
-                       help="EMA decay of the trained weights; None or 0: no EMA (default: %(default)s).")
-    group.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
-    group.add_argument("--gradient_checkpointing", action="store_true")
-    group.add_argument("--seed", type=int, default=0)
-
-
-def add_output_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
-    """Output, logging, checkpointing and Hub arguments."""
-    group = parser.add_argument_group("output")
-    group.add_argument("--output_dir", type=str, default=output_dir)
-    group.add_argument("--overwrite_output_dir", "--overwrite", action="store_true",
-                       help="Allow writing into a non-empty output_dir (it is not cleared).")
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to output_dir.")
-    group.add_argument("--report_to", type=str, default="auto",
-                       help="`tensorboard`, `wandb`, `all`, `none`; `auto` = tensorboard when installed.")
-    group.add_argument("--checkpointing_steps", type=int, default=500, help="Save a resumable checkpoint every N updates.")
-    group.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    group.add_argument("--resume_from_checkpoint", type=str, default=None, help="A checkpoint folder, or `latest`.")
-    group.add_argument("--num_grid_images", type=int, default=16, help="Images in each samples.png grid.")
-    group.add_argument("--num_validation_samples", type=int, default=64,
-                       help="Fixed noises on which each student is compared with the teacher (0: off).")
-    group.add_argument("--push_to_hub", action="store_true")
-    group.add_argument("--hub_model_id", type=str, default=None)
-    group.add_argument("--hub_token", type=str, default=None, help="Default: HF_TOKEN or your `hf auth login` token.")
-    group.add_argument("--hub_private_repo", action="store_true")
-
-
 def resolve_report_to(report_to: str) -> Optional[str]:
     """`auto` -> tensorboard when importable, else None; `none` -> None."""
     if report_to == "none":
@@ -104,6 +49,47 @@ def loggable_config(args: argparse.Namespace) -> Dict[str, Any]:
     """The run's arguments for trackers and checkpoints, without the Hub token and with only plain values."""
     config = {k: v for k, v in vars(args).items() if k != "hub_token"}
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in config.items()}
+
+
+def command_line(script: str, argv: List[str], num_processes: int, public: bool = False) -> str:
+    """The command line of a run, as typed from the current folder, never with a Hub token.
+
+    `public`: for text that may be pushed (model cards): an absolute path is written relative to the current folder
+    when inside it, else by its last component only, so no machine path is published.
+    """
+    words, skip = [], False
+    for word in argv:
+        if skip or word.startswith("--hub_token="):
+            skip = False
+            continue
+        skip = word == "--hub_token"
+        if not skip:
+            words.append(_public_word(word) if public else word)
+    launcher = ["python"] if num_processes == 1 else ["accelerate", "launch", "--num_processes", str(num_processes)]
+    return shlex.join([*launcher, os.path.relpath(script), *words])
+
+
+def resume_command(script: str, argv: List[str], num_processes: int) -> str:
+    """The command that continues a run from its newest checkpoint: its own, with `--resume_from_checkpoint latest`."""
+    words, skip = [], False
+    for word in argv:
+        if skip or word.startswith("--resume_from_checkpoint="):
+            skip = False
+            continue
+        skip = word == "--resume_from_checkpoint"
+        if not skip:
+            words.append(word)
+    return command_line(script, [*words, "--resume_from_checkpoint", "latest"], num_processes)
+
+
+def _public_word(word: str) -> str:
+    """A command-line word with any absolute path in it (`/a/b` or `--flag=/a/b`) made public (see command_line)."""
+    flag, equals, value = word.rpartition("=") if word.startswith("--") else ("", "", word)
+    if not os.path.isabs(value):
+        return word
+    relative = os.path.relpath(value)
+    value = relative if not relative.startswith("..") else Path(value).name
+    return f"{flag}{equals}{value}"
 
 
 # ----------------------------------------------------------------------------------------------- setup
@@ -133,12 +119,22 @@ def make_accelerator(args: argparse.Namespace, project_name: str):
 
 
 # ----------------------------------------------------------------------------------------------- checks
-def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str]) -> None:
-    """Refuse an existing non-empty output_dir unless resuming or overwriting (one line naming the fix)."""
+def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str], leftovers=("logs",)) -> None:
+    """Refuse an existing non-empty output_dir unless resuming or overwriting (one line naming the fix).
+
+    A folder holding only `leftovers` (what a run writes before its first checkpoint, e.g. its tracker logs) and
+    hidden temporary folders is a run stopped before its first checkpoint: it counts as empty, and one line says so.
+    """
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file: pass a folder.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite and not resume:
+    if not path.is_dir() or overwrite or resume:
+        return
+    entries = [p.name for p in path.iterdir() if not p.name.startswith(".")]
+    if entries and set(entries) <= set(leftovers):
+        logger.warning(f"{output_dir} holds only {', '.join(sorted(entries))} of a run stopped before its first "
+                       "checkpoint: starting from scratch.")
+    elif any(path.iterdir()):
         raise ValueError(
             f"--output_dir {output_dir} exists and is not empty: pass --resume_from_checkpoint latest to continue it, "
             "--overwrite_output_dir to write into it anyway, or another --output_dir."
@@ -248,6 +244,8 @@ def find_checkpoint(output_dir, resume_from_checkpoint: Optional[str]) -> Option
         return None
     if resume_from_checkpoint == "latest":
         found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning(f"--resume_from_checkpoint latest: no checkpoint in {output_dir} yet, starting from scratch.")
         return found[-1] if found else None
     path = Path(resume_from_checkpoint)
     if not (path / "progress.json").is_file():
@@ -392,6 +390,17 @@ def sweep_leftovers(output_dir) -> None:
         for leftover in path.glob(".*"):
             if leftover.is_dir() and (".tmp" in leftover.name or leftover.name.endswith(".deleting") or ".old-" in leftover.name):
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def first_and_last(losses: List[float], count: int = 10) -> List[float]:
+    """What a checkpoint keeps of a stage's losses to rebuild the means of its first and last `count` updates."""
+    return list(losses) if len(losses) <= 2 * count else [*losses[:count], *losses[-count:]]
+
+
+def run_leftovers(logging_dir: str, *names: str) -> tuple:
+    """Top-level names of output_dir that a run writes before its first checkpoint: the tracker logs and `names`."""
+    parts = Path(logging_dir).parts
+    return (*names, parts[0]) if parts and not Path(logging_dir).is_absolute() else names
 
 
 def mean_or_nan(values: List[float]) -> float:
