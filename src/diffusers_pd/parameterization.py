@@ -86,6 +86,11 @@ def ddim_step(*, x, eps, alpha_s, sigma_s):
     return alpha_s * x + sigma_s * eps
 
 
+def x_eps_analytic_first_step(*, z, alpha, sigma):
+    """AFS (Zhou et al. 2024): eps-hat = z, hence x-hat = (z - sigma z) / alpha = alpha z / (1 + sigma) (finite at alpha = 0)."""
+    return alpha * z / (1.0 + sigma), z
+
+
 def x_from_ddim_endpoints(*, z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s):
     """x~ = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t): the x that DDIM maps z_t to z_s with."""
     ratio = sigma_s / sigma_t
