@@ -16,6 +16,12 @@ _EXPORTS = {
     "ProgressiveDistillationScheduler": "scheduler", "ProgressiveDistillationSchedulerOutput": "scheduler",
     "alphas_cumprod_from_config": "schedules", "cosine_logsnr": "schedules", "cosine_trained_betas": "schedules",
     "trailing_timesteps": "schedules",
+    "Denoiser": "denoiser",
+    "GRID_KINDS": "grids", "Grid": "grids", "nested_indices": "grids", "student_grid": "grids", "teacher_grid": "grids",
+    "SFDLoss": "sfd", "check_nfe": "sfd", "sfd_sample": "sfd", "step_count_cond": "sfd",
+    "TEACHER_SOLVERS": "solvers", "ddim_trajectory": "solvers", "dpm_solver_pp_trajectory": "solvers",
+    "heun_trajectory": "solvers", "solve": "solvers",
+    "add_step_embedding": "step_embedding", "fold_step_embedding": "step_embedding",
 }
 
 __all__ = sorted(_EXPORTS)

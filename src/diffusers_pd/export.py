@@ -35,6 +35,8 @@ from .schedules import alphas_cumprod_from_config, trailing_timesteps
 
 logger = logging.getLogger(__name__)
 
+STOCK_GRIDS = ("trailing", "karras", "lu")
+
 SCHEDULE_KEYS = (
     "num_train_timesteps",
     "beta_start",
@@ -56,8 +58,10 @@ def ddim_scheduler(config) -> DDIMScheduler:
     return DDIMScheduler(**schedule_kwargs(config), **STOCK_SAMPLING_KEYS)
 
 
-def dpm_solver_first_order_scheduler(config) -> DPMSolverMultistepScheduler:
-    """A stock DPM-Solver++(1) (= DDIM) on the trailing grid of `config`'s schedule, landing on sigma = 0."""
+def dpm_solver_first_order_scheduler(config, grid: str = "trailing") -> DPMSolverMultistepScheduler:
+    """A stock DPM-Solver++(1) (= DDIM) on the `grid` of `config`'s schedule ("trailing", "karras", "lu"), landing on sigma = 0."""
+    if grid not in STOCK_GRIDS:
+        raise ValueError(f"Unknown grid {grid!r}: a stock scheduler reproduces {', '.join(STOCK_GRIDS)}.")
     return DPMSolverMultistepScheduler(
         **schedule_kwargs(config),
         solver_order=1,
@@ -66,7 +70,8 @@ def dpm_solver_first_order_scheduler(config) -> DPMSolverMultistepScheduler:
         final_sigmas_type="zero",
         lower_order_final=True,
         euler_at_final=False,
-        use_karras_sigmas=False,
+        use_karras_sigmas=grid == "karras",
+        use_lu_lambdas=grid == "lu",
         lambda_min_clipped=-math.inf,
         thresholding=False,
         steps_offset=0,
@@ -95,8 +100,20 @@ def _dpm_solver_is_exact(config, num_steps: int) -> bool:
     return np.array_equal(stock.timesteps.numpy(), grid) and bool(torch.isfinite(stock.sigmas).all())
 
 
-def stock_scheduler_for(config, num_steps: int) -> Tuple[Any, bool]:
-    """(stock scheduler, exact): the diffusers scheduler that samples the N-step student grid of `config`."""
+def stock_scheduler_for(config, num_steps: int, grid: str = "trailing") -> Tuple[Any, bool]:
+    """(stock scheduler, exact): the diffusers scheduler that samples the N-step student `grid` of `config`.
+
+    "trailing": DDIMScheduler or DPM-Solver++(1) as described above. "karras" / "lu": DPM-Solver++(1) with
+    `use_karras_sigmas` / `use_lu_lambdas`, which build the grid from the config alone (rounded integer timesteps for
+    the network, exact sigmas for the step). "sfd" (the paper's sigma_max = 80 grid without a final denoising step):
+    no stock scheduler reproduces it; the Karras one, also polynomial with rho = 7, is returned with exact = False.
+    """
+    if grid == "sfd":
+        return dpm_solver_first_order_scheduler(config, "karras"), False
+    if grid != "trailing":
+        stock = dpm_solver_first_order_scheduler(config, grid)
+        stock.set_timesteps(num_steps)
+        return dpm_solver_first_order_scheduler(config, grid), bool(torch.isfinite(stock.sigmas).all())
     if _ddim_is_exact(config, num_steps):
         return ddim_scheduler(config), True
     if _dpm_solver_is_exact(config, num_steps):

@@ -96,6 +96,11 @@ def ddim_stochastic_step(*, x, eps, noise, alpha_s, sigma_s, std):
     return alpha_s * x + torch.clamp(sigma_s**2 - std**2, min=0.0) ** 0.5 * eps + std * noise
 
 
+def x_eps_analytic_first_step(*, z, alpha, sigma):
+    """AFS (Zhou et al. 2024): eps-hat = z, hence x-hat = (z - sigma z) / alpha = alpha z / (1 + sigma) (finite at alpha = 0)."""
+    return alpha * z / (1.0 + sigma), z
+
+
 def x_from_ddim_endpoints(*, z_t, z_s, alpha_t, sigma_t, alpha_s, sigma_s):
     """x~ = (z_s - (sigma_s / sigma_t) z_t) / (alpha_s - (sigma_s / sigma_t) alpha_t): the x that DDIM maps z_t to z_s with."""
     ratio = sigma_s / sigma_t

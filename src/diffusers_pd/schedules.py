@@ -121,3 +121,54 @@ def trailing_timesteps(num_train_timesteps: int, num_steps: int) -> np.ndarray:
     # T - k * (T / N) is bit-identical to diffusers' np.arange(T, 0, -T / N) and never has N + 1 entries.
     grid = np.round(num_train_timesteps - np.arange(num_steps) * (num_train_timesteps / num_steps))
     return grid.astype(np.int64) - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# EDM noise levels and fractional timesteps. A VP point (alpha, sigma) has the EDM noise level s = sigma / alpha =
+# sqrt((1 - abar) / abar); diffusers' Karras / log-SNR grids and Heun work in s, and map s <-> t by linear
+# interpolation of log s on the integer table (`_sigma_to_t`). We use that same interpolation both ways.
+
+
+def edm_sigmas_from_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
+    """s_i = sqrt((1 - abar_i) / abar_i), the EDM noise level of each table entry (inf where abar_i = 0)."""
+    alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+    return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def alpha_sigma_from_edm_sigma(edm_sigma) -> Tuple[torch.Tensor, torch.Tensor]:
+    """alpha = 1 / sqrt(1 + s^2), sigma = 1 / sqrt(1 + 1 / s^2): the VP pair of noise level s (s = 0 clean, inf noise)."""
+    edm_sigma = torch.as_tensor(edm_sigma, dtype=torch.float64)
+    return (1.0 + edm_sigma**2).rsqrt(), (1.0 + edm_sigma**-2).rsqrt()
+
+
+def edm_sigma_at(edm_sigma_table, timesteps) -> torch.Tensor:
+    """s(t) = exp((1 - w) log s_i + w log s_{i+1}) for i = floor(t), w = t - i; the table value at integer t, 0 at t = -1."""
+    table = torch.as_tensor(edm_sigma_table, dtype=torch.float64)
+    timesteps = torch.as_tensor(timesteps, dtype=torch.float64)
+    if ((timesteps < 0) & (timesteps != -1)).any() or (timesteps > len(table) - 1).any():
+        raise ValueError(f"Timesteps must lie in [0, {len(table) - 1}] (or be -1, the clean sample); got {timesteps.tolist()}.")
+    index = timesteps.clamp(0, len(table) - 2).floor().long()
+    weight = timesteps.clamp(min=0) - index
+    log_table = table.log()
+    interpolated = ((1 - weight) * log_table[index] + weight * log_table[index + 1]).exp()
+    exact = table[timesteps.clamp(min=0).round().long()]
+    sigma = torch.where(timesteps == timesteps.round(), exact, interpolated)
+    return torch.where(timesteps == -1, torch.zeros_like(sigma), sigma)
+
+
+def timestep_at(edm_sigma_table, edm_sigma) -> torch.Tensor:
+    """t(s) = i + (log s_i - log s) / (log s_i - log s_{i+1}) on the bracketing entries, clipped to [0, T - 1]: diffusers' `_sigma_to_t`."""
+    log_table = torch.as_tensor(edm_sigma_table, dtype=torch.float64).log()
+    log_sigma = torch.as_tensor(edm_sigma, dtype=torch.float64).clamp(min=1e-10).log()
+    low = (torch.searchsorted(log_table, log_sigma.reshape(-1), right=True) - 1).clamp(0, len(log_table) - 2)
+    weight = ((log_table[low] - log_sigma.reshape(-1)) / (log_table[low] - log_table[low + 1])).clamp(0, 1)
+    return (low + weight).reshape(log_sigma.shape)
+
+
+def alpha_sigma_interpolated(alphas_cumprod, timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) at any, possibly fractional, timestep: `alpha_sigma_at` at integers, log-s interpolation between."""
+    timesteps = torch.as_tensor(timesteps, dtype=torch.float64)
+    alpha_exact, sigma_exact = alpha_sigma_at(alphas_cumprod, timesteps.clamp(min=-1).round().long())
+    alpha, sigma = alpha_sigma_from_edm_sigma(edm_sigma_at(edm_sigmas_from_alphas_cumprod(alphas_cumprod), timesteps))
+    integer = timesteps == timesteps.round()
+    return torch.where(integer, alpha_exact, alpha), torch.where(integer, sigma_exact, sigma)
