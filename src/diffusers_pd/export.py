@@ -112,8 +112,8 @@ def stock_scheduler_for(config, num_steps: int, grid: str = "trailing") -> Tuple
         return dpm_solver_first_order_scheduler(config, "karras"), False
     if grid != "trailing":
         stock = dpm_solver_first_order_scheduler(config, grid)
-        stock.set_timesteps(num_steps)
-        return dpm_solver_first_order_scheduler(config, grid), bool(torch.isfinite(stock.sigmas).all())
+        stock.set_timesteps(num_steps)  # grid state only; the saved config is what plain diffusers reads
+        return stock, bool(torch.isfinite(stock.sigmas).all())
     if _ddim_is_exact(config, num_steps):
         return ddim_scheduler(config), True
     if _dpm_solver_is_exact(config, num_steps):

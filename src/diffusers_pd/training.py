@@ -57,29 +57,28 @@ def command_line(script: str, argv: List[str], num_processes: int, public: bool 
     `public`: for text that may be pushed (model cards): an absolute path is written relative to the current folder
     when inside it, else by its last component only, so no machine path is published.
     """
-    words, skip = [], False
-    for word in argv:
-        if skip or word.startswith("--hub_token="):
-            skip = False
-            continue
-        skip = word == "--hub_token"
-        if not skip:
-            words.append(_public_word(word) if public else word)
+    words = [_public_word(word) if public else word for word in without_flag(argv, "--hub_token")]
     launcher = ["python"] if num_processes == 1 else ["accelerate", "launch", "--num_processes", str(num_processes)]
     return shlex.join([*launcher, os.path.relpath(script), *words])
 
 
 def resume_command(script: str, argv: List[str], num_processes: int) -> str:
     """The command that continues a run from its newest checkpoint: its own, with `--resume_from_checkpoint latest`."""
+    words = without_flag(argv, "--resume_from_checkpoint")
+    return command_line(script, [*words, "--resume_from_checkpoint", "latest"], num_processes)
+
+
+def without_flag(argv: List[str], flag: str) -> List[str]:
+    """`argv` without `flag` and its value, in either form (`--flag value` or `--flag=value`)."""
     words, skip = [], False
     for word in argv:
-        if skip or word.startswith("--resume_from_checkpoint="):
+        if skip or word.startswith(f"{flag}="):
             skip = False
             continue
-        skip = word == "--resume_from_checkpoint"
+        skip = word == flag
         if not skip:
             words.append(word)
-    return command_line(script, [*words, "--resume_from_checkpoint", "latest"], num_processes)
+    return words
 
 
 def _public_word(word: str) -> str:
