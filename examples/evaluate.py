@@ -70,6 +70,8 @@ import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from functools import partial  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
 
 import torch  # noqa: E402
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler  # noqa: E402
@@ -80,6 +82,7 @@ from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text  # noqa: E
 from diffusers_pd.data import image_transform, load_image_dataset  # noqa: E402
 from diffusers_pd.export import schedule_kwargs  # noqa: E402
 from diffusers_pd.scheduler import METADATA_KEY  # noqa: E402
+from diffusers_pd.sfd import sfd_student_samples  # noqa: E402
 
 try:  # the `eval` extra
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state
@@ -107,6 +110,7 @@ class Row:
     unet: torch.nn.Module
     scheduler: object
     ceiling: bool = False
+    sample: Optional[Callable] = None  # (unet, latents) -> samples; None: `denoise` with `scheduler` for `nfe` steps
 
     @property
     def slug(self) -> str:
@@ -150,8 +154,18 @@ def build_rows(args, teacher: DiffusionPipeline, students: dict) -> list:
                 f"{name} has no `{METADATA_KEY}.num_inference_steps` in scheduler/scheduler_config.json: "
                 "save students with diffusers_pd.save_student."
             )
-        method = student.scheduler.config[METADATA_KEY].get("method", "distilled")
-        rows.append(Row(f"student ({method})", name, steps, student.unet, ddim(student.scheduler.config)))
+        info = student.scheduler.config[METADATA_KEY]
+        method = info.get("method", "distilled")
+        if method != "sfd":
+            rows.append(Row(f"student ({method})", name, steps, student.unet, ddim(student.scheduler.config)))
+            continue
+        # SFD: its own sampler (grid, analytic first step) at its NFE, and the stock folder's scheduler as saved
+        own = partial(sfd_student_samples, scheduler_config=student.scheduler.config, num_steps=steps,
+                      grid=info.get("grid", "trailing"), afs=info.get("afs", False))
+        label = "student (sfd-v)" if info.get("sfd_v") else "student (sfd)"
+        rows.append(Row(label, name, info.get("nfe", steps), student.unet, student.scheduler, sample=own))
+        if info.get("afs") or not info.get("stock_exact", True):  # else the stock row is the same images
+            rows.append(Row(f"{label}, stock diffusers", name, steps, student.unet, student.scheduler))
     student_nfe = sorted({row.nfe for row in rows})
     nfes = sorted(set(args.nfe or student_nfe or DEFAULT_NFE))
     config = teacher.scheduler.config
@@ -184,7 +198,8 @@ def sample_batches(row: Row, noise_unet, num_samples: int, batch_size: int, seed
         size = min(batch_size, num_samples - start)
         latents = initial_noise(noise_unet, size, generator=generator, device="cpu").to(device)
         with torch.no_grad():
-            images = images_to_uint8(denoise(row.unet, row.scheduler, latents, row.nfe)).cpu()
+            samples = row.sample(row.unet, latents) if row.sample else denoise(row.unet, row.scheduler, latents, row.nfe)
+            images = images_to_uint8(samples).cpu()
         if start < GRID_IMAGES:
             keep.append(images[: GRID_IMAGES - start])
         yield images

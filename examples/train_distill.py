@@ -1,12 +1,18 @@
 #!/usr/bin/env python
-"""Progressive distillation (Algorithm 2 of Salimans & Ho, ICLR 2022) of a UNet2DModel teacher, with accelerate.
+"""Distil a UNet2DModel teacher into few-step students with accelerate: progressive distillation or SFD.
 
     accelerate launch examples/train_distill.py \\
         --teacher google/ddpm-cifar10-32 --dataset_name cifar10 \\
         --start_steps 1024 --end_steps 4 --iterations_per_stage 50000 --train_batch_size 128 \\
         --output_dir ddpm-cifar10-pd --push_to_hub --hub_model_id you/ddpm-cifar10-pd
 
-Each stage halves the student's steps (N -> N/2); the finished student of every stage is written to
+    accelerate launch examples/train_distill.py --method sfd \\
+        --teacher google/ddpm-cifar10-32 --nfe 2 3 4 5 --num_trajectories 200000 --train_batch_size 128 \\
+        --second_stage --output_dir ddpm-cifar10-sfd
+
+Progressive distillation (Salimans & Ho, ICLR 2022): each stage halves the student's steps (N -> N/2) on the
+teacher's training data. SFD (Zhou et al., NeurIPS 2024): the student follows a DPM-Solver++ teacher's trajectories
+from pure noise (no data), one model for several NFEs with several --nfe. Every finished student is written to
 `output_dir/student-{N}steps/` as a pipeline folder that `DiffusionPipeline.from_pretrained` loads without this
 package. With no arguments it runs an offline CPU demo: the committed reference teacher (trained on scikit-learn's
 8x8 digits) distilled from 64 to 1 step in about 4 minutes.
@@ -21,16 +27,30 @@ from diffusers_pd import arguments  # standard library only: --help answers befo
 REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
 
 
+DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "cache_dir", "resolution",
+              "center_crop", "random_flip", "dataloader_num_workers")
+PD_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "prediction_type", *DATA_FLAGS)
+SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "num_trajectories", "grid", "second_stage",
+             "second_stage_trajectories", "second_stage_learning_rate")
+DEFAULT_LEARNING_RATE = {"progressive": 3e-4, "sfd": 5e-5}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Command-line arguments; defaults run the offline demo."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     group = parser.add_argument_group("distillation")
+    group.add_argument("--method", type=str, default="progressive", choices=["progressive", "sfd"],
+                       help="Progressive distillation (halving stages, needs the teacher's data) or SFD (teacher "
+                       "trajectories from pure noise, no data).")
     group.add_argument("--teacher", "--pretrained_teacher_model", "--pretrained_model_name_or_path", dest="teacher",
                        type=str, default=str(REFERENCE_TEACHER),
                        help="Hub id or folder: a pipeline (unet/ + scheduler/) or a UNet2DModel folder.")
     group.add_argument("--teacher_scheduler", type=str, default=None,
                        help="Scheduler folder or pipeline for a bare UNet folder; None: the teacher's own scheduler.")
     group.add_argument("--teacher_revision", type=str, default=None, help="Branch, tag or commit of a Hub teacher; None: main.")
+    group.add_argument("--num_validation_samples", type=int, default=64,
+                       help="Fixed noises on which each student is compared with the teacher (0: off).")
+    group = parser.add_argument_group("progressive distillation (--method progressive)")
     group.add_argument("--start_steps", type=int, default=64, help="The teacher's sampling steps (the first stage's 2N).")
     group.add_argument("--end_steps", type=int, default=1, help="Steps of the last student.")
     group.add_argument("--iterations_per_stage", type=int, default=300, help="Updates per halving (the paper's K: 50000).")
@@ -38,13 +58,41 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="x-MSE weight: max(SNR, 1) (the paper's) or SNR + 1 (= the v-MSE).")
     group.add_argument("--prediction_type", type=str, default="v_prediction", choices=["epsilon", "sample", "v_prediction"],
                        help="The student's parameterization (works from any teacher's).")
-    group.add_argument("--num_validation_samples", type=int, default=64,
-                       help="Fixed noises on which each student is compared with the teacher (0: off).")
+    group = parser.add_argument_group("SFD (--method sfd)")
+    group.add_argument("--nfe", type=int, nargs="+", default=[4],
+                       help="The student's network calls per sample; several (e.g. 2 3 4 5) train one SFD-v student for all.")
+    group.add_argument("--teacher_solver", type=str, default="dpm_solver_3m",
+                       choices=["dpm_solver_3m", "dpm_solver_2m", "heun", "ddim"], help="The teacher's ODE solver.")
+    group.add_argument("--teacher_steps_per_step", type=int, default=4,
+                       help="K: teacher solver steps per student step (the paper's M + 1).")
+    group.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
+                       help="Analytic first step: the first step uses eps = x, saving one network call.")
+    group.add_argument("--loss", type=str, default="l1", choices=["l1", "l2", "pseudo_huber"], help="Trajectory distance.")
+    group.add_argument("--num_trajectories", type=int, default=4096,
+                       help="Budget: teacher trajectories drawn in all (each iteration a global batch of them).")
+    group.add_argument("--grid", type=str, default="trailing", choices=["trailing", "karras", "lu", "sfd"],
+                       help="Student grid: trailing / karras / lu sample exactly in stock diffusers; sfd is the paper's "
+                       "(sampled by diffusers_pd only).")
+    group.add_argument("--second_stage", action="store_true",
+                       help="Then distil the largest-NFE student into a 1-NFE student (its own sampler as the teacher).")
+    group.add_argument("--second_stage_trajectories", type=int, default=None,
+                       help="The second stage's budget; None: --num_trajectories.")
+    group.add_argument("--second_stage_learning_rate", type=float, default=5e-4, help="The second stage's learning rate.")
     arguments.add_data_args(parser, resolution_help="None: the teacher's sample_size (the only one that works).")
-    arguments.add_optimization_args(parser, learning_rate=3e-4)
+    arguments.add_optimization_args(parser, learning_rate=None,
+                                    learning_rate_help="None: 3e-4 for progressive, 5e-5 (the paper's) for sfd")
     arguments.add_output_args(parser, output_dir="pd-output")
     args = parser.parse_args(argv)
-    if args.dataset_name is None and args.train_data_dir is None and Path(args.teacher) == REFERENCE_TEACHER:
+    given = arguments.given_flags(parser, sys.argv[1:] if argv is None else argv)
+    foreign = [name for name in (SFD_FLAGS if args.method == "progressive" else PD_FLAGS) if name in given]
+    if foreign:
+        other = "sfd" if args.method == "progressive" else "progressive"
+        hint = "(SFD needs no data)" if foreign[0] in DATA_FLAGS else f"or pass --method {other}"
+        parser.error(f"--{foreign[0]} is not a flag of --method {args.method}: drop it {hint}.")
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LEARNING_RATE[args.method]
+    if args.method == "progressive" and args.dataset_name is None and args.train_data_dir is None \
+            and Path(args.teacher) == REFERENCE_TEACHER:
         args.dataset_name = "digits"  # the embedded demo's data
     return args
 
@@ -52,8 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 if __name__ == "__main__":  # --help and argument errors answer here, before the heavy imports below
     parse_args()
 
-import copy  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
@@ -64,32 +112,21 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from diffusers_pd import ProgressiveDistillationScheduler, interrupt, save_student, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_text  # noqa: E402
-from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
+from diffusers_pd.data import load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.loading import load_teacher, public_name  # noqa: E402
-from diffusers_pd.loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices  # noqa: E402
-from diffusers_pd.pipeline import denoise, fidelity_to_reference, sample_grid  # noqa: E402
+from diffusers_pd.method import DistillationMethod, FinishedStudent, LoopContext, Stage  # noqa: E402
+from diffusers_pd.pipeline import mean_squared_distance, sampler_grid  # noqa: E402
+from diffusers_pd.progressive import ProgressiveDistillation, stage_steps  # noqa: E402
+from diffusers_pd.sfd import SimpleFastDistillation  # noqa: E402
 
 logger = get_logger(__name__)
 SUMMARY_NOTE = (
-    "first_loss / final_loss: mean loss of the stage's first / last 10 updates. mse_to_teacher: mean squared distance "
-    "of the student's samples to the original teacher's start_steps samples from the same noise; teacher_ddim_mse: "
-    "the same for the teacher's own DDIM at the student's steps (the student should be below it)."
+    "first_loss / final_loss: mean loss of the stage's first / last 10 updates (SFD: of each iteration's last student "
+    "step). mse_to_teacher: mean squared "
+    "distance of the student's samples to the original teacher's reference samples from the same noise (progressive: "
+    "its start_steps DDIM; sfd: its solver on the largest student's fine grid); teacher_ddim_mse: the same for the "
+    "teacher's own DDIM at the student's steps (the student should be below it)."
 )
-
-
-def stage_steps(start_steps: int, end_steps: int) -> list:
-    """Student step counts of each stage: start/2, start/4, ..., end; one clear error if that is not a halving chain."""
-    for name, value in (("start_steps", start_steps), ("end_steps", end_steps)):
-        if value < 1:
-            raise ValueError(f"--{name} {value} is not a step count: pass 1 or more.")
-    if start_steps <= end_steps or start_steps % end_steps or (start_steps // end_steps) & (start_steps // end_steps - 1):
-        raise ValueError(
-            f"--start_steps {start_steps} must be a power-of-two multiple (>= 2x) of --end_steps {end_steps}, e.g. 1024 and 4."
-        )
-    steps = [start_steps // 2]
-    while steps[-1] > end_steps:
-        steps.append(steps[-1] // 2)
-    return steps
 
 
 def validate(args):
@@ -97,8 +134,11 @@ def validate(args):
     training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
                               leftovers=training.run_leftovers(args.logging_dir))
     training.check_hub_args(args)
-    stage_steps(args.start_steps, args.end_steps)
-    for name in ("iterations_per_stage", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"):
+    if args.method == "progressive":
+        stage_steps(args.start_steps, args.end_steps)
+    names = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
+    names += ["iterations_per_stage"] if args.method == "progressive" else ["num_trajectories"]
+    for name in names:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1.")
     if args.push_to_hub:  # the token and the repo, now: not after the first stage
@@ -106,15 +146,17 @@ def validate(args):
 
         check_push_access(args.hub_model_id, args.hub_token, args.hub_private_repo)
     teacher, scheduler_config = load_teacher(args.teacher, args.teacher_scheduler, args.teacher_revision)
-    if args.dataset_name is None and args.train_data_dir is None:
+    if args.method == "progressive" and args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Pass the teacher's training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or --train_data_dir DIR.")
     if teacher.config.out_channels != teacher.config.in_channels:
         raise ValueError(
             f"The teacher outputs {teacher.config.out_channels} channels for {teacher.config.in_channels} input channels "
             "(learned variance?): only plain epsilon / sample / v outputs can be distilled."
         )
-    # scheduler checks: prediction types, zero-SNR, 2 x start_steps <= T
+    # scheduler checks: prediction types, zero-SNR
     ProgressiveDistillationScheduler.from_config(scheduler_config)
+    if args.method == "sfd":
+        return teacher, dict(scheduler_config), None
     student_scheduler = ProgressiveDistillationScheduler.from_config(scheduler_config, prediction_type=args.prediction_type)
     num_train_timesteps = student_scheduler.config.num_train_timesteps
     if args.start_steps > num_train_timesteps // 2:
@@ -134,15 +176,40 @@ def validate(args):
     return teacher, dict(scheduler_config), dataset
 
 
+def make_method(args, scheduler_config, dataset, teacher, num_processes: int) -> DistillationMethod:
+    """The distillation method of `--method`, from the arguments (raises ValueError on a bad combination)."""
+    sample_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
+    if args.method == "progressive":
+        return ProgressiveDistillation(
+            scheduler_config, dataset, sample_shape, start_steps=args.start_steps, end_steps=args.end_steps,
+            iterations_per_stage=args.iterations_per_stage, prediction_type=args.prediction_type,
+            loss_weighting=args.loss_weighting, learning_rate=args.learning_rate, random_flip=args.random_flip,
+            dataloader_num_workers=args.dataloader_num_workers,
+        )
+    global_batch = args.train_batch_size * num_processes
+    if args.nfe and len(args.nfe) > 1:
+        from diffusers_pd.step_embedding import check_no_class_embedding
+
+        check_no_class_embedding(teacher)
+    second = args.second_stage_trajectories or args.num_trajectories
+    return SimpleFastDistillation(
+        scheduler_config, sample_shape, nfes=args.nfe, iterations=math.ceil(args.num_trajectories / global_batch),
+        afs=args.afs, teacher_solver=args.teacher_solver, teacher_steps_per_step=args.teacher_steps_per_step,
+        loss=args.loss, grid=args.grid, learning_rate=args.learning_rate, second_stage=args.second_stage,
+        second_stage_iterations=math.ceil(second / global_batch), second_stage_learning_rate=args.second_stage_learning_rate,
+    )
+
+
 @torch.no_grad()
-def validation_references(teacher, scheduler_config, stages, args):
-    """Fixed noise, the teacher's samples from it at start_steps, and the teacher's own DDIM distance at each N."""
+def validation_references(teacher, method: DistillationMethod, args):
+    """Fixed noise, the ORIGINAL teacher's reference samples from it, and its own DDIM distance at each step count."""
     if not args.num_validation_samples:
         return None
     shape = (args.num_validation_samples, teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + 1)).to(teacher.device, teacher.dtype)
-    reference = denoise(teacher, ProgressiveDistillationScheduler.from_config(scheduler_config), latents, args.start_steps)
-    ddim = {n: fidelity_to_reference(teacher, scheduler_config, n, latents, reference) for n in stages}
+    reference = method.reference_sampler()(teacher, latents)
+    steps = sorted({n for stage in method.stages() for n in stage.steps}, reverse=True)
+    ddim = {n: mean_squared_distance(method.teacher_baseline(n)(teacher, latents), reference) for n in steps}
     return {"latents": latents, "reference": reference, "ddim": ddim}
 
 
@@ -158,6 +225,34 @@ def push(args) -> str:
         return "push failed"
 
 
+def finish_student(done: FinishedStudent, stage: Stage, row: dict, validation, accelerator, method, args, step: int) -> dict:
+    """Measure one finished student against the teacher's reference, save it (and push it); returns its summary row."""
+    row = {"stage": row["stage"], "steps": done.nfe, **row, "student": done.folder_name}
+    if validation is not None:
+        row["mse_to_teacher"] = mean_squared_distance(done.sampler(done.unet, validation["latents"]), validation["reference"])
+        row["teacher_ddim_mse"] = validation["ddim"][done.nfe]
+        row["vs_teacher_ddim"] = "better"
+        if row["mse_to_teacher"] > row["teacher_ddim_mse"]:  # the stage did not distil: say what usually helps
+            row["vs_teacher_ddim"] = f"WORSE: raise {method.budget_flag}"
+            logger.warning(
+                f"Stage {stage.name}: the {done.nfe}-step student is further from the teacher's reference samples "
+                f"(MSE {row['mse_to_teacher']:.4g}) than the teacher's own {done.nfe}-step DDIM "
+                f"({row['teacher_ddim_mse']:.4g}): raise {method.budget_flag} (now {getattr(args, method.budget_flag[2:])}) "
+                "for a student worth its steps.",
+                main_process_only=True)
+    if accelerator.is_main_process:
+        grid = sampler_grid(done.unet, done.sampler, args.num_grid_images, accelerator.device)
+        training.log_grid(accelerator, grid, step, f"samples/{done.nfe}steps")
+        save_student(
+            Path(args.output_dir) / done.folder_name, done.unet, done.scheduler, done.stock_steps,
+            teacher=public_name(args.teacher), teacher_source="local" if Path(args.teacher).exists() else "hub",
+            extra_files={"samples.png": training.png_bytes(grid)}, card_repo_id=args.hub_model_id,
+            card_training=method.card_training(stage, row["global_batch"]), stage=stage.index + 1, **done.save_kwargs,
+        )
+        row["hub"] = push(args) if args.push_to_hub else "-"
+    return row
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -167,13 +262,16 @@ def main(argv=None) -> dict:
 
 
 def distill(args, argv) -> dict:
-    """Validate, then run every stage; returns the per-stage history."""
+    """Validate, then run every stage of the method; returns the per-student history."""
     # 1. check everything before writing anything
     try:
         teacher, scheduler_config, dataset = validate(args)
+        if args.method == "sfd" and args.gradient_accumulation_steps > 1:
+            raise ValueError("--gradient_accumulation_steps: SFD updates once per student step along a trajectory; "
+                             "raise --train_batch_size or use more processes instead.")
+        method = make_method(args, scheduler_config, dataset, teacher, training.launched_process_count())
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
-    stages = stage_steps(args.start_steps, args.end_steps)
     output_dir = Path(args.output_dir)
 
     # 2. accelerate, trackers, logging
@@ -184,30 +282,31 @@ def distill(args, argv) -> dict:
     device = accelerator.device
     set_seed(args.seed)  # dropout and anything else on the global RNGs (restored from a checkpoint on resume)
 
-    # 3. resume: which stage, which update, the teacher of that stage
-    progress = {"stage": 0, "step": 0, "global_step": 0, "teacher_prediction_type": scheduler_config["prediction_type"], "history": []}
-    # the original teacher's samples at start_steps (the target of every stage) and its DDIM at each N, on fixed noise
-    validation = validation_references(teacher.to(device), scheduler_config, stages, args) if accelerator.is_main_process else None
+    # 3. resume: which stage, which iteration, the teacher of that stage
+    stages = method.stages()
+    stage_names = [stage.name for stage in stages]
+    progress = {"stage": 0, "step": 0, "global_step": 0, "history": []}
+    # the original teacher's reference samples (the target of every stage) and its DDIM at each N, on fixed noise
+    validation = validation_references(teacher.to(device).eval(), method, args) if accelerator.is_main_process else None
     checkpoint = training.find_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         progress = training.read_progress(checkpoint)
-        if progress.get("stages") != stages:
-            sys.exit(f"error: {checkpoint} was made for stages {progress.get('stages')}, these arguments give {stages}.")
+        if progress.get("stages") != stage_names:
+            sys.exit(f"error: {checkpoint} was made for stages {progress.get('stages')}, these arguments give {stage_names}.")
         training.load_checkpoint(accelerator, checkpoint, {"teacher": teacher})
-        logger.info(f"Resuming from {checkpoint}: stage {progress['stage'] + 1}/{len(stages)}, update {progress['step']}")
+        method.load_state(progress)
+        logger.info(f"Resuming from {checkpoint}: stage {progress['stage'] + 1}/{len(stages)}, iteration {progress['step']}")
     teacher.to(device).eval().requires_grad_(False)
-    stop = interrupt.StopSignals().install()  # Ctrl-C / SIGTERM: checkpoint at the current update, then stop
-
-    global_batch = args.train_batch_size * accelerator.num_processes
-    shape = (global_batch, teacher.config.in_channels, args.resolution, args.resolution)
+    stop = interrupt.StopSignals().install()  # Ctrl-C / SIGTERM: checkpoint at the current iteration, then stop
+    ctx = LoopContext(device, accelerator.process_index, accelerator.num_processes, args.train_batch_size,
+                      args.gradient_accumulation_steps, args.seed)
+    global_batch = ctx.global_batch_size * args.gradient_accumulation_steps
     history = progress["history"]
-    for stage in range(progress["stage"], len(stages)):
-        num_steps = stages[stage]
-        resume_step = progress["step"] if stage == progress["stage"] else 0
-        teacher_prediction_type = progress["teacher_prediction_type"] if stage == progress["stage"] else args.prediction_type
+    for stage in stages[progress["stage"]:]:
+        resume_step = progress["step"] if stage.index == progress["stage"] else 0
 
-        # 4. the student starts as a copy of the teacher; a fresh optimizer every stage (as the reference code)
-        student = copy.deepcopy(teacher).train().requires_grad_(True)
+        # 4. a new student (the teacher's copy); a fresh optimizer every stage (as the reference code)
+        student = method.init_student(teacher, stage)
         if args.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -218,112 +317,69 @@ def distill(args, argv) -> dict:
         if ema is not None:
             ema.to(device)
         student, optimizer = accelerator.prepare(student, optimizer)
-        scheduler = ProgressiveDistillationScheduler.from_config(scheduler_config, prediction_type=args.prediction_type)
-        scheduler.set_timesteps(num_steps)
-        loss_fn = ProgressiveDistillationLoss(scheduler, args.loss_weighting, teacher_prediction_type)
-
-        # 5. the data stream of this stage, from the exact micro-batch where it stopped
-        micro_steps_per_stage = args.iterations_per_stage * args.gradient_accumulation_steps
-        first_micro_step = stage * micro_steps_per_stage + resume_step * args.gradient_accumulation_steps
-        sampler = training.GlobalBatchSampler(len(dataset), args.train_batch_size, accelerator.process_index,
-                                              accelerator.num_processes, args.seed, start=first_micro_step)
-        batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
-                                                   collate_fn=collate_pixel_values,  # its own generator: creating the
-                                                   generator=torch.Generator().manual_seed(args.seed)))  # iterator must not consume the global RNG (dropout)
-        bar = tqdm(total=args.iterations_per_stage, initial=resume_step, disable=not accelerator.is_local_main_process,
-                   desc=f"stage {stage + 1}/{len(stages)}: {2 * num_steps} -> {num_steps} steps")
+        method.start_stage(stage, resume_step, ctx)  # its grids, loss and data stream from where it stopped
+        bar = tqdm(total=stage.iterations, initial=resume_step, disable=not accelerator.is_local_main_process,
+                   desc=f"stage {stage.index + 1}/{len(stages)}: {stage.name}")
         # a resumed stage goes on with the time and losses of its part before the checkpoint (for the summary)
         resumed = resume_step > 0
         stage_start = time.time() - (progress.get("stage_time_s", 0.0) if resumed else 0.0)
         losses = list(progress.get("stage_losses", [])) if resumed else []
+        updates = progress.get("stage_updates", 0) if resumed else 0
+        training.reset_peak_memory(device)
 
-        # 6. the updates of this stage
-        for step in range(resume_step, args.iterations_per_stage):
-            lr = training.linear_decay_lr(step, args.iterations_per_stage, args.learning_rate)
+        # 5. the iterations of this stage: each a global batch, one or more optimizer updates
+        for step in range(resume_step, stage.iterations):
+            lr = method.learning_rate(stage, step)
             training.set_lr(optimizer, lr)
-            for micro in range(args.gradient_accumulation_steps):
-                micro_step = stage * micro_steps_per_stage + step * args.gradient_accumulation_steps + micro
-                generator = training.step_generator(args.seed, micro_step)
-                noise, grid_indices = draw_noise_and_grid_indices(shape, num_steps, generator)
-                flips = torch.rand(global_batch, generator=generator) < 0.5
-                rank, per_process = accelerator.process_index, args.train_batch_size
-                images = next(batches)["pixel_values"].to(device)
-                if args.random_flip:
-                    images = training.random_flips(images, training.rank_slice(flips, rank, per_process))
-                with accelerator.accumulate(student), accelerator.autocast():
-                    loss = loss_fn(RawOutput(student), RawOutput(teacher), images,
-                                   training.rank_slice(noise, rank, per_process).to(device),
-                                   training.rank_slice(grid_indices, rank, per_process)).mean()
-                    training.check_finite(accelerator.reduce(loss.detach(), "sum"), progress["global_step"] + 1, output_dir)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(student.parameters())
+            batch = method.batch(stage, step, teacher, ctx)
+            for update in range(batch.num_updates):
+                for micro in range(args.gradient_accumulation_steps):
+                    with accelerator.accumulate(student), accelerator.autocast():
+                        loss = batch.loss(student, update, micro).mean()
+                        training.check_finite(accelerator.reduce(loss.detach(), "sum"), progress["global_step"] + 1, output_dir)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and args.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.step(student.parameters())
+                updates += 1
             progress["global_step"] += 1
             losses.append(accelerator.gather(loss.detach()).mean().item())
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
-            accelerator.log({"loss": losses[-1], "lr": lr, "student_steps": num_steps}, step=progress["global_step"])
-            if step + 1 < args.iterations_per_stage:  # (the stage's last update ends in the stage-boundary checkpoint)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", updates=updates)
+            accelerator.log({"loss": losses[-1], "lr": lr, "stage": stage.index + 1, "updates": updates},
+                            step=progress["global_step"])
+            if step + 1 < stage.iterations:  # (the stage's last iteration ends in the stage-boundary checkpoint)
                 signum = stop.requested(accelerator)
                 if progress["global_step"] % args.checkpointing_steps == 0 or signum:
-                    models = {"student": student, "teacher": teacher}
                     saved = training.save_checkpoint(
                         accelerator, output_dir, progress["global_step"],
-                        {**progress, "stage": stage, "step": step + 1, "stages": stages,
-                         "teacher_prediction_type": teacher_prediction_type,
-                         "stage_time_s": time.time() - stage_start, "stage_losses": training.first_and_last(losses)},
-                        models, optimizer, ema, args.checkpoints_total_limit)
+                        {**progress, "stage": stage.index, "step": step + 1, "stages": stage_names, **method.state(),
+                         "stage_time_s": time.time() - stage_start, "stage_losses": training.first_and_last(losses),
+                         "stage_updates": updates},
+                        {"student": student, "teacher": teacher}, optimizer, ema, args.checkpoints_total_limit)
                 if signum:
                     bar.close()
                     interrupt.stop_run(accelerator, signum, progress["global_step"], saved,
                                        training.resume_command(__file__, argv, accelerator.num_processes))
         bar.close()
 
-        # 7. the student (EMA weights if any) becomes the next teacher; save it as a stock-loadable folder
+        # 6. the student (EMA weights if any) becomes the next teacher; its students saved as stock-loadable folders
         student = accelerator.unwrap_model(student)
         if ema is not None:
             ema.copy_to(student.parameters())
-        teacher = student.eval().requires_grad_(False)
-        scheduler_config = {**scheduler_config, "prediction_type": args.prediction_type}
-        row = {"stage": f"{2 * num_steps} -> {num_steps}", "steps": num_steps, "updates": args.iterations_per_stage,
-               "global_batch": global_batch * args.gradient_accumulation_steps,
-               "time_s": round(time.time() - stage_start, 1),
-               "first_loss": training.mean_or_nan(losses[:10]), "final_loss": training.mean_or_nan(losses[-10:]),
-               "student": f"student-{num_steps}steps"}
-        if validation is not None:
-            row["mse_to_teacher"] = fidelity_to_reference(teacher, scheduler_config, num_steps, validation["latents"], validation["reference"])
-            row["teacher_ddim_mse"] = validation["ddim"][num_steps]
-            row["vs_teacher_ddim"] = "better"
-            if row["mse_to_teacher"] > row["teacher_ddim_mse"]:  # the stage did not distil: say what usually helps
-                row["vs_teacher_ddim"] = "WORSE: raise --iterations_per_stage"
-                logger.warning(
-                    f"Stage {row['stage']}: the {num_steps}-step student is further from the teacher's "
-                    f"{args.start_steps}-step samples (MSE {row['mse_to_teacher']:.4g}) than the teacher's own "
-                    f"{num_steps}-step DDIM ({row['teacher_ddim_mse']:.4g}): raise --iterations_per_stage "
-                    f"(now {args.iterations_per_stage}) for a student worth its steps.", main_process_only=True)
-        if accelerator.is_main_process:
-            grid = sample_grid(teacher, scheduler_config, num_steps, args.num_grid_images, device)
-            training.log_grid(accelerator, grid, progress["global_step"], f"samples/{num_steps}steps")
-            save_student(
-                output_dir / f"student-{num_steps}steps", teacher, scheduler, num_steps,
-                teacher=public_name(args.teacher), teacher_prediction_type=teacher_prediction_type,
-                teacher_source="local" if Path(args.teacher).exists() else "hub",
-                extra_files={"samples.png": training.png_bytes(grid)}, card_repo_id=args.hub_model_id,
-                card_training={"iterations per stage": args.iterations_per_stage, "global batch size": global_batch * args.gradient_accumulation_steps,
-                               "learning rate": f"{args.learning_rate} (linear decay to 0 per stage)", "loss weighting": args.loss_weighting},
-                stage=stage + 1, loss_weighting=args.loss_weighting,
-            )
-            row["hub"] = push(args) if args.push_to_hub else "-"
-        history.append(row)
-        progress.update(stage=stage + 1, step=0, teacher_prediction_type=args.prediction_type, history=history,
-                        stage_time_s=0.0, stage_losses=[])
-        if stage + 1 < len(stages):  # a stage boundary is a checkpoint: the next stage needs only its teacher
+        row = {"stage": stage.name, "iterations": stage.iterations, "updates": updates, "global_batch": global_batch,
+               "time_s": round(time.time() - stage_start, 1), "peak_memory_mib": training.peak_memory_mib(device),
+               "first_loss": training.mean_or_nan(losses[:10]), "final_loss": training.mean_or_nan(losses[-10:])}
+        teacher, finished = method.finish_stage(stage, student.eval().requires_grad_(False))
+        for done in finished:
+            history.append(finish_student(done, stage, row, validation, accelerator, method, args, progress["global_step"]))
+        progress.update(stage=stage.index + 1, step=0, history=history, stage_time_s=0.0, stage_losses=[], stage_updates=0)
+        if stage.index + 1 < len(stages):  # a stage boundary is a checkpoint: the next stage needs only its teacher
             saved = training.save_checkpoint(accelerator, output_dir, progress["global_step"],
-                                             {**progress, "stages": stages}, {"teacher": teacher},
+                                             {**progress, "stages": stage_names, **method.state()}, {"teacher": teacher},
                                              total_limit=args.checkpoints_total_limit)
             signum = stop.requested(accelerator)
             if signum:
@@ -331,7 +387,7 @@ def distill(args, argv) -> dict:
                                    training.resume_command(__file__, argv, accelerator.num_processes))
     stop.restore()
 
-    # 8. summary
+    # 7. summary
     accelerator.wait_for_everyone()  # no process may tear down the process group while another still uses it
     accelerator.end_training()
     if accelerator.is_main_process:
@@ -343,7 +399,7 @@ def distill(args, argv) -> dict:
         table = training.format_table(history) + "\n\n" + SUMMARY_NOTE
         atomic_write_text(output_dir / "summary.json", json.dumps(history, indent=2))
         atomic_write_text(output_dir / "summary.md", table + "\n")
-        print(f"\nProgressive distillation of {args.teacher}: {args.start_steps} -> {args.end_steps} steps\n\n{table}\n")
+        print(f"\n{method.title(args.teacher)}\n\n{table}\n")
         failed = [r for r in history if r.get("hub") == "push failed"]
         if failed:
             print(f"{len(failed)} push(es) failed; the students are safe locally. Retry without retraining:\n"

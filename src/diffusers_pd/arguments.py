@@ -30,14 +30,16 @@ def add_data_args(parser: argparse.ArgumentParser, resolution_help: str) -> None
 
 
 def add_optimization_args(
-    parser: argparse.ArgumentParser, learning_rate: float, ema_decay: Optional[float] = None
+    parser: argparse.ArgumentParser, learning_rate: Optional[float], ema_decay: Optional[float] = None,
+    learning_rate_help: str = "",
 ) -> None:
-    """Optimizer, precision and reproducibility arguments (`ema_decay`: the script's default, None = off)."""
+    """Optimizer, precision and reproducibility arguments (`ema_decay`: the script's default, None = off;
+    `learning_rate_help`: what a None learning rate means)."""
     group = parser.add_argument_group("optimization")
     group.add_argument("--train_batch_size", type=int, default=64, help="Batch size per process.")
     group.add_argument("--gradient_accumulation_steps", type=int, default=1,
                        help="Micro-batches per update (global batch = batch x processes x this).")
-    group.add_argument("--learning_rate", type=float, default=learning_rate, help="Adam's peak learning rate.")
+    group.add_argument("--learning_rate", type=float, default=learning_rate, help=f"Adam's peak learning rate{'; ' + learning_rate_help if learning_rate_help else ''}.")
     group.add_argument("--adam_beta1", type=float, default=0.9, help="Adam's beta1.")
     group.add_argument("--adam_beta2", type=float, default=0.999, help="Adam's beta2.")
     group.add_argument("--adam_weight_decay", type=float, default=0.0, help="Adam's (L2) weight decay.")
@@ -72,3 +74,9 @@ def add_output_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     group.add_argument("--hub_token", type=str, default=None,
                        help="None: HF_TOKEN or your `hf auth login` token (prefer those: an argument shows in `ps`).")
     group.add_argument("--hub_private_repo", action="store_true", help="Create the Hub repo private.")
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """The destinations of the options written out in `argv` (`--flag` or `--flag=value`), whatever their values."""
+    words = {str(word).split("=", 1)[0] for word in argv if str(word).startswith("--")}
+    return {action.dest for action in parser._actions if words.intersection(action.option_strings)}

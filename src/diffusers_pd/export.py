@@ -121,6 +121,16 @@ def stock_scheduler_for(config, num_steps: int, grid: str = "trailing") -> Tuple
     return ddim_scheduler(config), False
 
 
+def grid_timesteps(config, num_steps: int, grid: str = "trailing") -> list:
+    """The network's timesteps of the N-step student `grid` (`grids.GRID_KINDS`), in sampling order."""
+    if grid == "trailing":
+        return trailing_timesteps(config["num_train_timesteps"], num_steps).tolist()
+    from .grids import student_grid  # grids builds its stock grids with this module's schedulers
+
+    timesteps = student_grid(config, num_steps, grid).timesteps[:-1]
+    return [int(t) if float(t).is_integer() else float(t) for t in timesteps.tolist()]
+
+
 def student_metadata(
     scheduler_config,
     num_inference_steps: int,
@@ -128,6 +138,7 @@ def student_metadata(
     teacher: Optional[str] = None,
     teacher_prediction_type: Optional[str] = None,
     method: str = "progressive_distillation",
+    grid: str = "trailing",
     **extra,
 ) -> Dict[str, Any]:
     """The metadata dict stored under `_diffusers_pd` in a student's scheduler config."""
@@ -136,7 +147,8 @@ def student_metadata(
     return {
         "method": method,
         "num_inference_steps": int(num_inference_steps),
-        "timesteps": trailing_timesteps(scheduler_config["num_train_timesteps"], num_inference_steps).tolist(),
+        "grid": grid,
+        "timesteps": grid_timesteps(scheduler_config, num_inference_steps, grid),
         "prediction_type": scheduler_config["prediction_type"],
         "teacher": teacher,
         "teacher_prediction_type": teacher_prediction_type,
@@ -158,6 +170,7 @@ def save_student(
     card_repo_id: Optional[str] = None,
     card_training: Optional[Dict[str, Any]] = None,
     save_kwargs: Optional[Dict[str, Any]] = None,
+    grid: str = "trailing",
     **metadata,
 ) -> Dict[str, Any]:
     """Write a stock-loadable student folder with its model card atomically (temporary name, then rename).
@@ -165,12 +178,14 @@ def save_student(
     `scheduler` is the student's `ProgressiveDistillationScheduler` (or any scheduler with the same schedule
     config). `extra_files` (name -> bytes, e.g. `samples.png`) are written inside the folder; README.md is a Hub
     model card naming `card_repo_id` (default: the folder) and the `card_training` rows; `save_kwargs` go to
-    `DDPMPipeline.save_pretrained` (safe_serialization, variant, max_shard_size). Returns the metadata.
+    `DDPMPipeline.save_pretrained` (safe_serialization, variant, max_shard_size); `grid` is the student's grid kind
+    (`grids.GRID_KINDS`), which picks the stock scheduler (`stock_scheduler_for`). Returns the metadata.
     """
-    stock, exact = stock_scheduler_for(scheduler.config, num_inference_steps)
+    stock, exact = stock_scheduler_for(scheduler.config, num_inference_steps, grid)
     info = student_metadata(
         scheduler.config,
         num_inference_steps,
+        grid=grid,
         teacher=teacher,
         teacher_prediction_type=teacher_prediction_type,
         stock_scheduler=type(stock).__name__,
@@ -203,7 +218,7 @@ def save_pipeline_folder(
 # Metadata keys that `save_student` derives from the scheduler and the grid; a saved student's other keys are kept.
 DERIVED_METADATA_KEYS = (
     "num_inference_steps", "timesteps", "prediction_type", "teacher", "teacher_prediction_type", "schedule",
-    "diffusers_pd_version", "stock_scheduler", "stock_exact",
+    "diffusers_pd_version", "stock_scheduler", "stock_exact", "grid",
 )
 
 
@@ -239,7 +254,7 @@ def save_stock_pipeline(folder: PathLike, unet, scheduler, *, card_repo_id: Opti
             info = save_student(
                 staged, unet, scheduler, metadata["num_inference_steps"], teacher=metadata.get("teacher"),
                 teacher_prediction_type=metadata.get("teacher_prediction_type"), card_repo_id=card_repo_id or str(folder),
-                save_kwargs=save_kwargs, **kept,
+                save_kwargs=save_kwargs, grid=metadata.get("grid", "trailing"), **kept,
             )
         else:
             stock, exact = stock_scheduler_for_every_grid(scheduler.config)
@@ -282,12 +297,34 @@ def card_front_matter(tag: str, base_model: Optional[str] = None) -> str:
     )
 
 
+METHOD_NAMES = {
+    "progressive_distillation": "Progressive Distillation (Salimans & Ho, ICLR 2022)",
+    "sfd": "SFD, Simple and Fast Distillation (Zhou et al., NeurIPS 2024)",
+}
+
+
+def sampling_note(info: Dict[str, Any]) -> str:
+    """The model card's words on how an SFD student samples in plain diffusers and in this package (empty for PD)."""
+    if info.get("method") != "sfd":
+        return ""
+    steps, nfe = info["num_inference_steps"], info.get("nfe", info["num_inference_steps"])
+    note = f"\n\nSFD student on the `{info.get('grid', 'trailing')}` grid, teacher solver `{info.get('teacher_solver')}`."
+    if info.get("afs"):
+        note += (
+            f" It was trained with an analytic first step (AFS): its own sampler makes {nfe} network calls "
+            f"(`diffusers_pd.ProgressiveDistillationPipeline.from_pretrained(...)()`), while a stock diffusers "
+            f"pipeline calls the network at every one of its {steps} steps ({steps} calls, the first replacing the "
+            "analytic step, which it was not trained for)."
+        )
+    return note
+
+
 MODEL_CARD = """{front_matter}
 # {title}
 
 A {steps}-step student of `{teacher}`, distilled with {method_name} using
 `diffusers_pd`. It predicts `{prediction_type}` and samples with
-deterministic DDIM on its own {steps}-step grid (timesteps {timesteps}).
+deterministic DDIM on its own {steps}-step grid (timesteps {timesteps}).{sampling_note}
 
 ![samples](samples.png)
 
@@ -328,7 +365,8 @@ def model_card_text(info: Dict[str, Any], repo_or_folder: str, training: Optiona
         front_matter=card_front_matter(method.replace("_", "-"), base_model),
         steps=info["num_inference_steps"],
         teacher=teacher,
-        method_name="Progressive Distillation (Salimans & Ho, ICLR 2022)" if method == "progressive_distillation" else method,
+        method_name=METHOD_NAMES.get(method, method),
+        sampling_note=sampling_note(info),
         prediction_type=info["prediction_type"],
         timesteps=info["timesteps"],
         repo_or_folder=repo_or_folder,

@@ -1,9 +1,11 @@
 """`ProgressiveDistillationPipeline`: sample a distilled student on the grid it was trained for."""
 
 import math
+from contextlib import contextmanager
 import tempfile
+from functools import partial
 from pathlib import Path
-from typing import Iterable, List, Optional, Union
+from typing import Callable, Iterable, List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
@@ -14,6 +16,17 @@ from huggingface_hub import create_repo
 
 from .export import save_stock_pipeline
 from .scheduler import METADATA_KEY, ProgressiveDistillationScheduler
+
+
+@contextmanager
+def evaluating(module: torch.nn.Module):
+    """`module` in eval mode inside the block, its training flag restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def student_steps(scheduler) -> Optional[int]:
@@ -53,6 +66,8 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
     `num_inference_steps` defaults to the step count stored in the student's scheduler config. A stock scheduler
     (as saved by `save_student`) is converted to `ProgressiveDistillationScheduler` with the same schedule, so
     `ProgressiveDistillationPipeline.from_pretrained(student_folder)` samples exactly what the student learned.
+    An SFD student (`"method": "sfd"` in its metadata) is sampled at its own step count on its own grid with its
+    analytic first step, if it was trained with one (`sfd.sfd_student_samples`): the paper's NFE.
 
     `save_pretrained` and `push_to_hub` write the stock folder (`export.save_stock_pipeline`): a `DDPMPipeline` that
     plain diffusers loads with `DiffusionPipeline.from_pretrained`, never a folder naming this class.
@@ -91,7 +106,15 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
             raise ValueError("This pipeline holds no student step count: pass num_inference_steps=N.")
         if latents is None:
             latents = initial_noise(self.unet, batch_size, generator=generator, device=self._execution_device)
-        sample = denoise(self.unet, self.scheduler, latents.to(self._execution_device), num_inference_steps, self.progress_bar)
+        latents = latents.to(self._execution_device)
+        metadata = self.scheduler.config.get(METADATA_KEY) or {}
+        if metadata.get("method") == "sfd" and num_inference_steps == metadata["num_inference_steps"]:
+            from .sfd import sfd_student_samples  # an SFD student: its own grid, its analytic first step
+
+            sample = sfd_student_samples(self.unet, latents, scheduler_config=self.scheduler.config, num_steps=num_inference_steps,
+                                         grid=metadata.get("grid", "trailing"), afs=metadata.get("afs", False))
+        else:
+            sample = denoise(self.unet, self.scheduler, latents, num_inference_steps, self.progress_bar)
         image = (sample / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -161,13 +184,16 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
 
 def sample_grid(unet: UNet2DModel, scheduler_config, num_steps: int, num_images: int, device=None):
     """A PIL grid of `num_images` samples from fixed noise (seed 0), `num_steps` deterministic DDIM steps."""
-    pipe = ProgressiveDistillationPipeline(unet=unet, scheduler=ProgressiveDistillationScheduler.from_config(scheduler_config))
-    pipe.set_progress_bar_config(disable=True)
-    latents = initial_noise(unet, num_images, generator=torch.Generator().manual_seed(0))
-    was_training = unet.training
-    unet.eval()
-    images = pipe(num_inference_steps=num_steps, latents=latents.to(device or unet.device)).images
-    unet.train(was_training)
+    return sampler_grid(unet, partial(ddim_samples, scheduler_config=scheduler_config, num_steps=num_steps), num_images, device)
+
+
+@torch.no_grad()
+def sampler_grid(unet: UNet2DModel, sampler: Callable, num_images: int, device=None):
+    """A PIL grid of `num_images` samples of `sampler(unet, latents)` from fixed noise (seed 0)."""
+    latents = initial_noise(unet, num_images, generator=torch.Generator().manual_seed(0)).to(device or unet.device)
+    with evaluating(unet):
+        samples = sampler(unet, latents)
+    images = DiffusionPipeline.numpy_to_pil((samples / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy())
     rows = max(1, int(num_images**0.5))
     return image_grid(images[: rows * (num_images // rows)], cols=num_images // rows)
 
@@ -187,10 +213,12 @@ def image_grid(images: List[Image.Image], cols: int, min_size: int = 64, gutter:
 
 
 @torch.no_grad()
-def fidelity_to_reference(unet: UNet2DModel, scheduler_config, num_steps: int, latents: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean squared distance between `num_steps`-step DDIM samples from `latents` and `reference` samples of them."""
-    was_training = unet.training
-    unet.eval()
-    samples = denoise(unet, ProgressiveDistillationScheduler.from_config(scheduler_config), latents, num_steps)
-    unet.train(was_training)
+def ddim_samples(unet: UNet2DModel, latents: torch.Tensor, *, scheduler_config, num_steps: int) -> torch.Tensor:
+    """Deterministic DDIM samples of `unet` from `latents` on the `num_steps` trailing grid of `scheduler_config`."""
+    with evaluating(unet):
+        return denoise(unet, ProgressiveDistillationScheduler.from_config(dict(scheduler_config)), latents, num_steps)
+
+
+def mean_squared_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean squared distance of samples to reference samples from the same noise."""
     return (samples.float() - reference.float()).pow(2).mean().item()

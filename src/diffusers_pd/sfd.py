@@ -25,13 +25,21 @@ The second stage (1 NFE) is the same object with the stage-one student as the te
 with its AFS) as the teacher solver on its own grid: `SFDLoss.second_stage`.
 """
 
+import copy
 import math
-from typing import Mapping, Optional, Tuple
+from functools import partial
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .grids import Grid, nested_indices
+from .denoiser import Denoiser
+from .grids import Grid, nested_indices, student_grid, teacher_grid
+from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
+from .pipeline import ddim_samples, evaluating
+from .scheduler import ProgressiveDistillationScheduler
 from .solvers import DenoiserFn, check_solver, ddim_trajectory, euler_step, solve
+from .step_embedding import add_step_embedding, fold_step_embedding
+from .training import step_decay_lr, step_generator
 
 LOSSES = ("l1", "l2", "pseudo_huber")
 LOSS_SPACES = ("edm", "vp")
@@ -153,3 +161,188 @@ def step_count_cond(nfe: int, batch_size: int, device=None, conditioned: bool = 
     if not conditioned:
         return {}
     return {"class_labels": torch.full((batch_size,), int(nfe), dtype=torch.long, device=device)}
+
+
+def trajectory_end(z: torch.Tensor, grid: Grid, solver: str, denoiser: DenoiserFn, *, afs: bool = False, **cond) -> torch.Tensor:
+    """The image at the end of `solver`'s trajectory from `z` on `grid` (`final_sample` of its last state)."""
+    return final_sample(solve(solver, denoiser, z, grid, afs=afs, **cond)[-1], grid)
+
+
+@torch.no_grad()
+def solver_samples(unet, latents: torch.Tensor, *, scheduler_config, solver: str, grid: Grid) -> torch.Tensor:
+    """Samples of `unet` from `latents` with a teacher `solver` on `grid` (the SFD runs' reference)."""
+    with evaluating(unet):
+        return trajectory_end(latents, grid, solver, Denoiser(unet, scheduler_config))
+
+
+@torch.no_grad()
+def sfd_student_samples(unet, latents: torch.Tensor, *, scheduler_config, num_steps: int, grid: str = "trailing",
+                        afs: bool = False) -> torch.Tensor:
+    """A saved SFD student's samples: one Euler (DDIM) step per interval of its N-step `grid`, the first analytic with `afs`."""
+    with evaluating(unet):
+        return sfd_sample(Denoiser(unet, scheduler_config), student_grid(scheduler_config, num_steps, grid), latents, afs=afs)
+
+
+class SFDBatch(Batch):
+    """One iteration of SFD: a global batch of teacher trajectories from pure noise and the student's steps along them.
+
+    The step count (SFD-v) and the noise are pure functions of (seed, stage, iteration); each process takes its rows.
+    Update u trains the student's step `trained_steps[u]` from where its previous step left it (detached).
+    """
+
+    def __init__(self, method: "SimpleFastDistillation", stage: Stage, iteration: int, teacher, ctx: LoopContext):
+        generator = step_generator(ctx.seed, iteration, stream=stage.index)
+        self.nfe = method.draw_nfe(stage, generator)
+        noise = torch.randn((ctx.global_batch_size, *method.sample_shape), generator=generator)
+        self.noise = ctx.rank_slice(noise).to(ctx.device)
+        self.method, self.teacher = method, teacher
+        self.loss_fn = method.loss_for(stage, self.nfe)
+        self.cond = method.student_cond(stage, self.nfe, self.noise.shape[0], ctx.device)
+        self.steps = list(self.loss_fn.trained_steps)
+        self.num_updates = len(self.steps)
+        self.targets = self.z = None
+
+    def loss(self, student, update: int, micro: int) -> torch.Tensor:
+        """Per-sample loss of the student's step `trained_steps[update]` (the teacher's trajectory drawn at update 0)."""
+        if update == 0:
+            self.targets = self.loss_fn.teacher_targets(self.method.denoiser(self.teacher), self.noise)
+            self.z = self.loss_fn.first_state(self.noise)
+        loss, self.z = self.loss_fn(self.method.denoiser(student), self.z, self.steps[update], self.targets, **self.cond)
+        return loss
+
+
+class SimpleFastDistillation(DistillationMethod):
+    """SFD (and SFD-v for several NFEs, and the optional 1-NFE second stage) as a method of the training loop.
+
+    Args:
+        scheduler_config: the teacher's scheduler config; the students keep its schedule and prediction_type.
+        sample_shape: (channels, height, width) of the teacher's samples.
+        nfes: the students' network calls per sample; several = SFD-v (one model conditioned on the NFE).
+        iterations: stage one's budget in global batches of teacher trajectories.
+        afs: analytic first step (student steps N = NFE + 1).
+        teacher_solver, teacher_steps_per_step: the teacher's solver and its K sub-steps per student step.
+        loss: trajectory distance (`LOSSES`); grid: the students' grid kind (`grids.GRID_KINDS`).
+        learning_rate: Adam's learning rate, x 0.1 at half of each stage's budget (as the official code).
+        second_stage: add a 1-NFE stage whose teacher is stage one's largest-NFE student with its own sampler.
+        second_stage_iterations, second_stage_learning_rate: its budget and learning rate.
+    """
+
+    name = "sfd"
+    budget_flag = "--num_trajectories"
+
+    def __init__(self, scheduler_config: Mapping, sample_shape, *, nfes, iterations: int, afs: bool = True,
+                 teacher_solver: str = "dpm_solver_3m", teacher_steps_per_step: int = 4, loss: str = "l1",
+                 grid: str = "trailing", learning_rate: float = 5e-5, second_stage: bool = False,
+                 second_stage_iterations: Optional[int] = None, second_stage_learning_rate: float = 5e-4):
+        self.config = dict(scheduler_config)
+        self.sample_shape = tuple(sample_shape)
+        self.nfes = sorted(set(int(nfe) for nfe in nfes))
+        if not self.nfes or len(self.nfes) != len(list(nfes)):
+            raise ValueError(f"--nfe {' '.join(map(str, nfes))}: pass one or more distinct step counts, e.g. --nfe 4 or --nfe 2 3 4 5.")
+        if teacher_steps_per_step < 1:
+            raise ValueError(f"--teacher_steps_per_step {teacher_steps_per_step}: K must be at least 1.")
+        if second_stage and self.nfes == [1]:
+            raise ValueError("--second_stage distils stage one's student into 1 NFE: stage one needs --nfe 2 or more.")
+        if second_stage and 1 in self.nfes:
+            raise ValueError("--second_stage makes the 1-NFE student: drop 1 from --nfe.")
+        self.afs, self.teacher_solver, self.teacher_steps_per_step = afs, teacher_solver, teacher_steps_per_step
+        self.loss, self.grid_kind = loss, grid
+        self.iterations, self.peak_learning_rate = iterations, learning_rate
+        self.second_stage = second_stage
+        self.second_stage_iterations = second_stage_iterations or iterations
+        self.second_stage_learning_rate = second_stage_learning_rate
+        # every grid and loss now: a bad NFE, grid or schedule fails before any work
+        T = int(self.config["num_train_timesteps"])
+        self.losses = {}
+        for nfe in self.nfes:
+            grid_n = student_grid(self.config, check_nfe(nfe, afs=afs, num_train_timesteps=T), grid)
+            fine = teacher_grid(grid_n, teacher_steps_per_step, self.config)
+            self.losses[nfe] = SFDLoss(grid_n, fine, teacher_solver=teacher_solver, afs=afs, loss=loss)
+        if second_stage:
+            top = self.losses[self.nfes[-1]]
+            self.second_loss = SFDLoss.second_stage(student_grid(self.config, 1, grid), top.student_grid,
+                                                    stage_one_afs=afs, loss=loss)
+        Denoiser(torch.nn.Identity(), self.config)  # the teacher's parameterization fits its schedule
+        self.scheduler = ProgressiveDistillationScheduler.from_config(self.config)
+
+    @property
+    def conditioned(self) -> bool:
+        """SFD-v: one stage-one student for several NFEs, told the NFE through its class-embedding slot."""
+        return len(self.nfes) > 1
+
+    def title(self, teacher: str) -> str:
+        kind = "SFD-v" if self.conditioned else "SFD"
+        second = " + second stage (1 NFE)" if self.second_stage else ""
+        return f"{kind} of {teacher}: {', '.join(map(str, self.nfes))} NFE{second}"
+
+    def stages(self) -> List[Stage]:
+        name = f"{'SFD-v' if self.conditioned else 'SFD'}: {', '.join(map(str, self.nfes))} NFE"
+        stages = [Stage(0, name, self.iterations, tuple(self.nfes))]
+        if self.second_stage:
+            stages.append(Stage(1, f"second stage: {self.nfes[-1]} -> 1 NFE", self.second_stage_iterations, (1,)))
+        return stages
+
+    def init_student(self, teacher, stage: Stage):
+        """A copy of the teacher; for SFD-v with a zero-initialised step-count embedding (equal outputs)."""
+        if stage.index == 0 and self.conditioned:
+            return add_step_embedding(teacher, max(self.nfes)).train().requires_grad_(True)
+        return copy.deepcopy(teacher).train().requires_grad_(True)
+
+    def denoiser(self, unet) -> Denoiser:
+        """D(z, t, cond) of a teacher or student (all share the teacher's schedule and prediction_type)."""
+        return Denoiser(unet, self.config)
+
+    def draw_nfe(self, stage: Stage, generator: torch.Generator) -> int:
+        """The NFE of one batch: uniform over the stage's step counts (one draw even for a single one)."""
+        return stage.steps[int(torch.randint(len(stage.steps), (1,), generator=generator))]
+
+    def loss_for(self, stage: Stage, nfe: int) -> SFDLoss:
+        """The stage's `SFDLoss` for `nfe`."""
+        return self.second_loss if stage.index == 1 else self.losses[nfe]
+
+    def student_cond(self, stage: Stage, nfe: int, batch_size: int, device) -> Mapping:
+        """The student's extra inputs: the NFE label for an SFD-v student, nothing otherwise."""
+        return step_count_cond(nfe, batch_size, device, conditioned=stage.index == 0 and self.conditioned)
+
+    def learning_rate(self, stage: Stage, iteration: int) -> float:
+        base = self.second_stage_learning_rate if stage.index == 1 else self.peak_learning_rate
+        return step_decay_lr(iteration, stage.iterations, base)
+
+    def batch(self, stage: Stage, iteration: int, teacher, ctx: LoopContext) -> Batch:
+        return SFDBatch(self, stage, iteration, teacher, ctx)
+
+    def finished(self, nfe: int, unet, loss_fn: SFDLoss, afs: bool, **metadata) -> FinishedStudent:
+        """A student of `nfe` network calls on `loss_fn`'s grid, with the sampler it was trained for."""
+        num_steps = loss_fn.student_grid.num_steps
+        return FinishedStudent(
+            nfe, unet, self.scheduler, num_inference_steps=num_steps,
+            sampler=partial(sfd_student_samples, scheduler_config=self.config, num_steps=num_steps, grid=self.grid_kind, afs=afs),
+            save_kwargs=dict(method="sfd", grid=self.grid_kind, nfe=nfe, afs=afs, loss=self.loss,
+                             teacher_prediction_type=self.config["prediction_type"], **metadata),
+        )
+
+    def finish_stage(self, stage: Stage, student) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
+        """Stage one: a student per NFE (SFD-v: its embedding folded in); the largest is the second stage's teacher."""
+        if stage.index == 1:
+            return student, [self.finished(1, student, self.second_loss, False, teacher_solver="ddim (stage-one student)",
+                                           second_stage=True)]
+        done = [self.finished(nfe, fold_step_embedding(student, nfe) if self.conditioned else student, self.losses[nfe],
+                              self.afs, teacher_solver=self.teacher_solver, teacher_steps_per_step=self.teacher_steps_per_step,
+                              sfd_v=list(self.nfes) if self.conditioned else None)
+                for nfe in self.nfes]
+        return done[-1].unet, done
+
+    def card_training(self, stage: Stage, global_batch: int) -> Dict[str, Any]:
+        lr = self.second_stage_learning_rate if stage.index == 1 else self.peak_learning_rate
+        return {"teacher trajectories": stage.iterations * global_batch, "global batch size": global_batch,
+                "learning rate": f"{lr} (x 0.1 at half of the budget)", "loss": self.loss,
+                "teacher solver": f"{self.teacher_solver}, K = {self.teacher_steps_per_step}" if stage.index == 0 else
+                "stage-one student, its own sampler"}
+
+    def reference_sampler(self):
+        """The teacher's solver on the fine grid of the largest-NFE student: that student's training target."""
+        return partial(solver_samples, scheduler_config=self.config, solver=self.teacher_solver,
+                       grid=self.losses[self.nfes[-1]].teacher_grid)
+
+    def teacher_baseline(self, nfe: int):
+        return partial(ddim_samples, scheduler_config=self.config, num_steps=nfe)

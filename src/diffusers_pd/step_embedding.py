@@ -22,6 +22,13 @@ def unet_config(unet: UNet2DModel, **changes) -> dict:
     return {**{key: value for key, value in unet.config.items() if not key.startswith("_")}, **changes}
 
 
+def like(model: torch.nn.Module, reference: torch.nn.Module) -> torch.nn.Module:
+    """`model` on `reference`'s device and in its dtype (a dtype cast only where they differ)."""
+    parameter = next(reference.parameters())
+    model = model.to(parameter.device)
+    return model if next(model.parameters()).dtype == parameter.dtype else model.to(parameter.dtype)
+
+
 def check_no_class_embedding(unet: UNet2DModel) -> None:
     """Raise if `unet` already has a class embedding (its slot is where the step count goes)."""
     if unet.class_embedding is not None or unet.config.num_class_embeds is not None or unet.config.class_embed_type is not None:
@@ -41,8 +48,7 @@ def add_step_embedding(unet: UNet2DModel, max_nfe: int) -> UNet2DModel:
     if missing != [STEP_EMBEDDING] or unexpected:
         raise RuntimeError(f"Unexpected weights while adding the step embedding: missing {missing}, unexpected {unexpected}.")
     torch.nn.init.zeros_(student.class_embedding.weight)
-    parameter = next(unet.parameters())
-    return student.to(device=parameter.device, dtype=parameter.dtype).train(unet.training)
+    return like(student, unet).train(unet.training)
 
 
 def fold_step_embedding(unet: UNet2DModel, nfe: int) -> UNet2DModel:
@@ -56,5 +62,4 @@ def fold_step_embedding(unet: UNet2DModel, nfe: int) -> UNet2DModel:
     state[TIME_BIAS] = state[TIME_BIAS] + step_vector
     folded = UNet2DModel.from_config(unet_config(unet, num_class_embeds=None))
     folded.load_state_dict(state)
-    parameter = next(unet.parameters())
-    return folded.to(device=parameter.device, dtype=parameter.dtype).eval()
+    return like(folded, unet).eval()

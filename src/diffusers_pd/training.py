@@ -140,9 +140,14 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str], le
         )
 
 
+def launched_process_count() -> int:
+    """The number of processes the launcher started (WORLD_SIZE; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def check_process_count(num_processes: int) -> None:
     """Refuse a launch whose processes accelerate does not see (e.g. torchrun on CPU): they would overwrite each other."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_process_count()
     if launched != num_processes:
         raise ValueError(
             f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate runs {num_processes}: each would "
@@ -212,6 +217,11 @@ def random_flips(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
 def linear_decay_lr(step: int, total_steps: int, learning_rate: float) -> float:
     """lr(step) = learning_rate * (1 - step / total_steps): linear decay to 0 over a stage."""
     return learning_rate * max(0.0, 1.0 - step / total_steps)
+
+
+def step_decay_lr(step: int, total_steps: int, learning_rate: float, factor: float = 0.1) -> float:
+    """lr for the first half of `total_steps`, lr x factor from half of the budget on (the official SFD schedule)."""
+    return learning_rate if 2 * step < total_steps else learning_rate * factor
 
 
 def linear_warmup_lr(step: int, warmup_steps: int, learning_rate: float) -> float:
@@ -405,6 +415,21 @@ def run_leftovers(logging_dir: str, *names: str) -> tuple:
 def mean_or_nan(values: List[float]) -> float:
     """The mean of `values`, NaN when there are none (e.g. a stage resumed at its very end)."""
     return sum(values) / len(values) if values else float("nan")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window on a CUDA device (on CPU the process's peak RSS cannot be reset)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA memory allocated since `reset_peak_memory`, else the process's peak RSS."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def png_bytes(image) -> bytes:

@@ -1,0 +1,146 @@
+"""The seam between the training loop and a distillation method (progressive distillation, SFD, ...).
+
+The loop of `examples/train_distill.py` is the same for every method: stages, each a fresh optimizer over a student;
+iterations, each one GLOBAL batch drawn as a pure function of (seed, stage, iteration); inside an iteration one or
+more optimizer updates (progressive distillation: one; SFD: one per student step), each optionally accumulated over
+micro-batches; checkpoints between iterations; the finished students of a stage measured, saved and pushed.
+
+A method supplies only what differs, through the small interface below:
+
+| method call                                   | returns                                                          |
+|-----------------------------------------------|------------------------------------------------------------------|
+| `stages()`                                    | the list of `Stage`s                                             |
+| `init_student(teacher, stage)`                | a new trainable student for the stage                            |
+| `start_stage(stage, first_iteration, ctx)`    | prepares the stage's grids, losses and data stream               |
+| `learning_rate(stage, iteration)`             | the learning rate of that iteration                              |
+| `batch(stage, iteration, teacher, ctx)`       | a `Batch`: `num_updates` and `loss(student, update, micro)`      |
+| `finish_stage(stage, student)`                | (next teacher, [`FinishedStudent`, ...] to save)                 |
+| `reference_sampler()`, `teacher_baseline(n)`  | samplers `(unet, latents) -> samples` for the fidelity columns   |
+| `state()`, `load_state(state)`                | what a checkpoint keeps beyond the weights                       |
+
+`ctx` is a `LoopContext`: device, this process's rank and the number of processes, per-process batch size,
+gradient accumulation steps and the seed.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: its name in logs and summaries, its budget in global batches, the step counts it trains."""
+
+    index: int
+    name: str
+    iterations: int
+    steps: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoopContext:
+    """What a method needs to know of the loop: where it runs and how the global batch is split."""
+
+    device: torch.device
+    rank: int
+    num_processes: int
+    batch_size: int  # per process
+    gradient_accumulation_steps: int
+    seed: int
+
+    @property
+    def global_batch_size(self) -> int:
+        """Per-process batch x processes (one micro-batch)."""
+        return self.batch_size * self.num_processes
+
+    def rank_slice(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a global-batch tensor."""
+        return tensor[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+
+
+@dataclass
+class FinishedStudent:
+    """A student of a finished stage, ready for `save_student`.
+
+    Args:
+        nfe: its network calls per sample with its own sampler (the summary's `steps`, the folder name).
+        unet, scheduler: what is saved (any scheduler of the student's schedule and prediction type).
+        sampler: `(unet, latents) -> samples`, how this student samples (fidelity column, samples.png).
+        num_inference_steps: the steps of the stock folder's scheduler (None: `nfe`).
+        save_kwargs: further keyword arguments of `save_student` (metadata, grid).
+    """
+
+    nfe: int
+    unet: torch.nn.Module
+    scheduler: Any
+    sampler: Callable
+    num_inference_steps: Optional[int] = None
+    save_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def folder_name(self) -> str:
+        return f"student-{self.nfe}steps"
+
+    @property
+    def stock_steps(self) -> int:
+        """The step count the stock folder samples with."""
+        return self.num_inference_steps or self.nfe
+
+
+class Batch:
+    """One iteration's work: `num_updates` optimizer updates, each the mean of `loss(student, update, micro)`."""
+
+    num_updates: int = 1
+
+    def loss(self, student: torch.nn.Module, update: int, micro: int) -> torch.Tensor:
+        """The unreduced per-sample loss of update `update`, micro-batch `micro`."""
+        raise NotImplementedError
+
+
+class DistillationMethod:
+    """Base of every method: see the module docstring for the interface the loop calls."""
+
+    name: str = ""
+    budget_flag: str = ""  # the flag that gives a stage more training (named in the worse-than-DDIM warning)
+
+    def title(self, teacher: str) -> str:
+        """The summary's heading line."""
+        raise NotImplementedError
+
+    def stages(self) -> List[Stage]:
+        raise NotImplementedError
+
+    def init_student(self, teacher: torch.nn.Module, stage: Stage) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def start_stage(self, stage: Stage, first_iteration: int, ctx: LoopContext) -> None:
+        """Prepare the stage (default: nothing)."""
+
+    def learning_rate(self, stage: Stage, iteration: int) -> float:
+        raise NotImplementedError
+
+    def batch(self, stage: Stage, iteration: int, teacher: torch.nn.Module, ctx: LoopContext) -> Batch:
+        raise NotImplementedError
+
+    def finish_stage(self, stage: Stage, student: torch.nn.Module) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
+        raise NotImplementedError
+
+    def card_training(self, stage: Stage, global_batch: int) -> Dict[str, Any]:
+        """The 'Training' rows of the stage's model cards."""
+        return {}
+
+    def reference_sampler(self) -> Callable:
+        """The ORIGINAL teacher's sampler that every student is compared with (`mse_to_teacher`)."""
+        raise NotImplementedError
+
+    def teacher_baseline(self, nfe: int) -> Callable:
+        """The original teacher's DDIM at a student's NFE (`teacher_ddim_mse`)."""
+        raise NotImplementedError
+
+    def state(self) -> Dict[str, Any]:
+        """Method state kept in checkpoints beyond the weights (default: none)."""
+        return {}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        """Restore `state()` when resuming (default: nothing)."""

@@ -1,0 +1,151 @@
+"""Progressive distillation (Salimans & Ho, ICLR 2022) as a method of the training loop (see `method.py`).
+
+Stages halve the student's steps: start/2, start/4, ..., end. In each, the student starts as a copy of the teacher
+and every update regresses its one-step DDIM x-hat on the teacher's two-step target (Algorithm 2,
+`ProgressiveDistillationLoss`); the finished student becomes the next stage's teacher.
+"""
+
+import copy
+from functools import partial
+from typing import Any, Dict, List, Tuple
+
+import torch
+
+from .loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
+from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
+from .pipeline import ddim_samples
+from .scheduler import ProgressiveDistillationScheduler
+from .training import GlobalBatchSampler, linear_decay_lr, random_flips, step_generator
+
+
+def stage_steps(start_steps: int, end_steps: int) -> List[int]:
+    """Student step counts of each stage: start/2, start/4, ..., end; one clear error if that is not a halving chain."""
+    for name, value in (("start_steps", start_steps), ("end_steps", end_steps)):
+        if value < 1:
+            raise ValueError(f"--{name} {value} is not a step count: pass 1 or more.")
+    ratio = start_steps // end_steps
+    if start_steps <= end_steps or start_steps % end_steps or ratio & (ratio - 1):
+        raise ValueError(
+            f"--start_steps {start_steps} must be a power-of-two multiple (>= 2x) of --end_steps {end_steps}, e.g. 1024 and 4."
+        )
+    steps = [start_steps // 2]
+    while steps[-1] > end_steps:
+        steps.append(steps[-1] // 2)
+    return steps
+
+
+class ProgressiveBatch(Batch):
+    """One update of progressive distillation: the global batch of images, noise and grid points of `iteration`."""
+
+    num_updates = 1
+
+    def __init__(self, method: "ProgressiveDistillation", stage: Stage, iteration: int, teacher, ctx: LoopContext):
+        self.method, self.stage, self.iteration, self.teacher, self.ctx = method, stage, iteration, teacher, ctx
+
+    def loss(self, student, update: int, micro: int) -> torch.Tensor:
+        """Per-sample Algorithm 2 loss on micro-batch `micro`; every random draw is a function of (seed, micro-step)."""
+        method, ctx = self.method, self.ctx
+        generator = step_generator(ctx.seed, method.micro_step(self.stage, self.iteration, micro, ctx))
+        noise, grid_indices = draw_noise_and_grid_indices((ctx.global_batch_size, *method.sample_shape), self.stage.steps[0], generator)
+        flips = torch.rand(ctx.global_batch_size, generator=generator) < 0.5
+        images = next(method.batches)["pixel_values"].to(ctx.device)
+        if method.random_flip:
+            images = random_flips(images, ctx.rank_slice(flips))
+        return method.loss_fn(RawOutput(student), RawOutput(self.teacher), images,
+                              ctx.rank_slice(noise).to(ctx.device), ctx.rank_slice(grid_indices))
+
+
+class ProgressiveDistillation(DistillationMethod):
+    """Algorithm 2 of Salimans & Ho (2022), stage by stage from `start_steps` down to `end_steps`.
+
+    Args:
+        scheduler_config: the teacher's scheduler config (its schedule and prediction_type).
+        dataset: a map-style data set yielding `pixel_values` (the teacher's training data).
+        sample_shape: (channels, height, width) of the teacher's samples.
+        start_steps, end_steps: the teacher's sampling steps and the last student's.
+        iterations_per_stage: updates per halving (the paper's K).
+        prediction_type: the students' parameterization.
+        loss_weighting: `"truncated_snr"` or `"snr_plus_one"`.
+        learning_rate: peak learning rate, decaying linearly to 0 over each stage.
+    """
+
+    name = "progressive"
+    budget_flag = "--iterations_per_stage"
+
+    def __init__(self, scheduler_config: Dict[str, Any], dataset, sample_shape, *, start_steps: int, end_steps: int,
+                 iterations_per_stage: int, prediction_type: str, loss_weighting: str, learning_rate: float,
+                 random_flip: bool = False, dataloader_num_workers: int = 0):
+        self.teacher_config = dict(scheduler_config)  # the ORIGINAL teacher's, for the fidelity references
+        self.scheduler_config = dict(scheduler_config)  # the current stage's teacher's
+        self.teacher_prediction_type = self.scheduler_config["prediction_type"]
+        self.dataset, self.sample_shape = dataset, tuple(sample_shape)
+        self.start_steps, self.end_steps = start_steps, end_steps
+        self.iterations_per_stage, self.prediction_type = iterations_per_stage, prediction_type
+        self.loss_weighting, self.peak_learning_rate = loss_weighting, learning_rate
+        self.random_flip, self.dataloader_num_workers = random_flip, dataloader_num_workers
+
+    def title(self, teacher: str) -> str:
+        return f"Progressive distillation of {teacher}: {self.start_steps} -> {self.end_steps} steps"
+
+    def stages(self) -> List[Stage]:
+        return [Stage(i, f"{2 * n} -> {n}", self.iterations_per_stage, (n,))
+                for i, n in enumerate(stage_steps(self.start_steps, self.end_steps))]
+
+    def init_student(self, teacher, stage: Stage):
+        """The student starts as an exact copy of the teacher (as in the paper)."""
+        return copy.deepcopy(teacher).train().requires_grad_(True)
+
+    def micro_step(self, stage: Stage, iteration: int, micro: int, ctx: LoopContext) -> int:
+        """The global index of a micro-batch over the whole run: what its random draws and images are a function of."""
+        per_stage = self.iterations_per_stage * ctx.gradient_accumulation_steps
+        return stage.index * per_stage + iteration * ctx.gradient_accumulation_steps + micro
+
+    def start_stage(self, stage: Stage, first_iteration: int, ctx: LoopContext) -> None:
+        """The stage's scheduler and loss, and its data stream from the exact micro-batch where it stopped."""
+        self.scheduler = ProgressiveDistillationScheduler.from_config(self.scheduler_config, prediction_type=self.prediction_type)
+        self.scheduler.set_timesteps(stage.steps[0])
+        self.loss_fn = ProgressiveDistillationLoss(self.scheduler, self.loss_weighting, self.teacher_prediction_type)
+        sampler = GlobalBatchSampler(len(self.dataset), ctx.batch_size, ctx.rank, ctx.num_processes, ctx.seed,
+                                     start=self.micro_step(stage, first_iteration, 0, ctx))
+        from .data import collate_pixel_values
+
+        self.batches = iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=self.dataloader_num_workers, collate_fn=collate_pixel_values,
+            generator=torch.Generator().manual_seed(ctx.seed)))  # its own generator: never consumes the global RNG (dropout)
+
+    def learning_rate(self, stage: Stage, iteration: int) -> float:
+        return linear_decay_lr(iteration, stage.iterations, self.peak_learning_rate)
+
+    def batch(self, stage: Stage, iteration: int, teacher, ctx: LoopContext) -> Batch:
+        return ProgressiveBatch(self, stage, iteration, teacher, ctx)
+
+    def finish_stage(self, stage: Stage, student) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
+        """The student becomes the next teacher (now in the students' prediction_type)."""
+        num_steps = stage.steps[0]
+        student_config = {**self.scheduler_config, "prediction_type": self.prediction_type}
+        finished = FinishedStudent(
+            num_steps, student, self.scheduler,
+            sampler=partial(ddim_samples, scheduler_config=student_config, num_steps=num_steps),
+            save_kwargs=dict(teacher_prediction_type=self.teacher_prediction_type, loss_weighting=self.loss_weighting),
+        )
+        self.teacher_prediction_type, self.scheduler_config = self.prediction_type, student_config
+        return student, [finished]
+
+    def card_training(self, stage: Stage, global_batch: int) -> Dict[str, Any]:
+        return {"iterations per stage": stage.iterations, "global batch size": global_batch,
+                "learning rate": f"{self.peak_learning_rate} (linear decay to 0 per stage)",
+                "loss weighting": self.loss_weighting}
+
+    def reference_sampler(self):
+        """The original teacher's DDIM at `start_steps`: what every stage distils."""
+        return self.teacher_baseline(self.start_steps)
+
+    def teacher_baseline(self, nfe: int):
+        return partial(ddim_samples, scheduler_config=self.teacher_config, num_steps=nfe)
+
+    def state(self) -> Dict[str, Any]:
+        return {"teacher_prediction_type": self.teacher_prediction_type}
+
+    def load_state(self, state: Dict[str, Any]) -> None:
+        self.teacher_prediction_type = state.get("teacher_prediction_type", self.teacher_prediction_type)
+        self.scheduler_config = {**self.scheduler_config, "prediction_type": self.teacher_prediction_type}
