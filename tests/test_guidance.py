@@ -7,7 +7,14 @@ from tiny_sd import SD_SCHEDULER, TEXT_DIM, tiny_cond_unet
 
 from diffusers_pd.denoiser import Denoiser, GuidedDenoiser
 from diffusers_pd.grids import student_grid
-from diffusers_pd.guidance import cfg_combine
+from diffusers_pd.guidance import (
+    add_guidance_embedding,
+    cfg_combine,
+    check_guidance_range,
+    fold_guidance_embedding,
+    guidance_scale_embedding,
+    guidance_timestep_cond,
+)
 from diffusers_pd.parameterization import x_eps_from_output
 from diffusers_pd.solvers import ddim_trajectory
 
@@ -126,3 +133,80 @@ def test_bad_unconditional_inputs():
         guided(z, 10, guidance_scale=2.0, uncond={}, encoder_hidden_states=text)
     with pytest.raises(ValueError, match="uncond must give"):
         guided(z, 10, guidance_scale=2.0, uncond={"class_labels": torch.tensor([0])}, encoder_hidden_states=text)
+
+
+def guidance_inputs(seed=0):
+    z, text, _ = text_inputs(batch=3, seed=seed)
+    return z, torch.tensor([999.0, 412.5, 7.0]), text
+
+
+@pytest.mark.parametrize("dim", [8, 256, 7])
+def test_guidance_scale_embedding_is_the_pipelines(dim):
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    w = torch.tensor([0.0, 0.5, 2.0, 6.5, 13.0])
+    ours = guidance_scale_embedding(w, dim)
+    assert torch.equal(ours, StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim))
+    assert torch.equal(ours, LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim))
+    # what StableDiffusionPipeline.__call__ computes for guidance_scale s and batch 3: e(s - 1), repeated
+    pipeline_cond = StableDiffusionPipeline.get_guidance_scale_embedding(None, torch.tensor(7.5 - 1).repeat(3), embedding_dim=dim)
+    assert torch.equal(guidance_timestep_cond(7.5, dim, batch_size=3), pipeline_cond)
+    per_sample = guidance_timestep_cond(torch.tensor([1.0, 7.5]), dim)
+    assert torch.equal(per_sample[1], pipeline_cond[0]) and torch.equal(per_sample[0], guidance_scale_embedding(torch.zeros(1), dim)[0])
+
+
+def test_untrained_guidance_conditioned_student_equals_the_teacher_bit_for_bit(tmp_path):
+    teacher = tiny_cond_unet()
+    student = add_guidance_embedding(teacher, 8)
+    assert student.config.time_cond_proj_dim == 8 and teacher.config.time_cond_proj_dim is None
+    assert type(student) is type(teacher)
+    z, t, text = guidance_inputs()
+    with torch.no_grad():
+        expected = teacher(z, t, encoder_hidden_states=text).sample
+        for s in (1.0, 3.0, 12.0):
+            cond = guidance_timestep_cond(s, 8, batch_size=3)
+            assert torch.equal(student(z, t, encoder_hidden_states=text, timestep_cond=cond).sample, expected)
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 4.5])
+def test_folded_unet_equals_the_conditioned_one_at_its_scale(tmp_path, guidance_scale):
+    from diffusers import UNet2DConditionModel
+
+    student = add_guidance_embedding(tiny_cond_unet(seed=1), 8)
+    with torch.no_grad():
+        torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.5)
+    z, t, text = guidance_inputs(seed=2)
+
+    def conditioned(unet, s, dtype):
+        cond = guidance_timestep_cond(s, 8, 3).to(dtype)
+        return unet(z.to(dtype), t.to(dtype), encoder_hidden_states=text.to(dtype), timestep_cond=cond).sample
+
+    with torch.no_grad():
+        expected = conditioned(student.double(), guidance_scale, torch.float64)
+        assert (expected - conditioned(student, guidance_scale + 2, torch.float64)).abs().max() > 1e-3  # the embedding matters
+        folded = fold_guidance_embedding(student, guidance_scale)
+        assert folded.config.time_cond_proj_dim is None and folded.time_embedding.cond_proj is None
+        folded_output = folded(z.double(), t.double(), encoder_hidden_states=text.double()).sample
+        torch.testing.assert_close(folded_output, expected, atol=1e-10, rtol=0)
+
+        student = student.float()
+        folded = fold_guidance_embedding(student, guidance_scale)
+        folded.save_pretrained(tmp_path / "unet")  # a plain float32 folder that stock diffusers loads
+        reloaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
+        assert reloaded.config.time_cond_proj_dim is None
+        torch.testing.assert_close(reloaded(z, t, encoder_hidden_states=text).sample, conditioned(student, guidance_scale, torch.float32),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_bad_guidance_input():
+    with pytest.raises(ValueError, match="needs a UNet2DConditionModel"):
+        add_guidance_embedding(tiny_unet(), 8)
+    with pytest.raises(ValueError, match="already takes a guidance embedding"):
+        add_guidance_embedding(tiny_cond_unet(time_cond_proj_dim=4), 8)
+    with pytest.raises(ValueError, match="time_cond_proj_dim"):
+        fold_guidance_embedding(tiny_cond_unet(), 2.0)
+    with pytest.raises(ValueError, match="swap them"):
+        check_guidance_range(5.0, 1.0)
+    with pytest.raises(ValueError, match="below 1"):
+        check_guidance_range(0.5, 3.0)
+    check_guidance_range(1.0, 1.0)
