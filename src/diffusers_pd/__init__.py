@@ -16,6 +16,8 @@ _EXPORTS = {
     "ProgressiveDistillationScheduler": "scheduler", "ProgressiveDistillationSchedulerOutput": "scheduler",
     "alphas_cumprod_from_config": "schedules", "cosine_logsnr": "schedules", "cosine_trained_betas": "schedules",
     "trailing_timesteps": "schedules",
+    "GuidedDistillationLoss": "guided_distillation", "draw_guided_batch": "guided_distillation",
+    "uniform_guidance_scales": "guided_distillation",
     "Denoiser": "denoiser", "GuidedDenoiser": "denoiser",
     "add_guidance_embedding": "guidance", "cfg_combine": "guidance", "check_guidance_range": "guidance",
     "fold_guidance_embedding": "guidance", "guidance_scale_embedding": "guidance", "guidance_timestep_cond": "guidance",
