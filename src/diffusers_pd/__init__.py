@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "save_student": "export", "stock_scheduler_for": "export", "student_metadata": "export",
+    "save_student": "export", "save_stock_sd_pipeline": "export", "stock_scheduler_for": "export", "student_metadata": "export",
     "ProgressiveDistillationPipeline": "pipeline", "denoise": "pipeline", "initial_noise": "pipeline",
     "student_steps": "pipeline",
     "ProgressiveDistillationScheduler": "scheduler", "ProgressiveDistillationSchedulerOutput": "scheduler",
@@ -18,6 +18,7 @@ _EXPORTS = {
     "trailing_timesteps": "schedules",
     "GuidedDistillationLoss": "guided_distillation", "draw_guided_batch": "guided_distillation",
     "uniform_guidance_scales": "guided_distillation",
+    "encode_prompts": "text_image_data", "load_sd_teacher": "loading",
     "Denoiser": "denoiser", "GuidedDenoiser": "denoiser",
     "add_guidance_embedding": "guidance", "cfg_combine": "guidance", "check_guidance_range": "guidance",
     "fold_guidance_embedding": "guidance", "guidance_scale_embedding": "guidance", "guidance_timestep_cond": "guidance",

@@ -16,7 +16,7 @@ and `LatentConsistencyModelPipeline` feed it (the pipeline then skips its uncond
 
 import torch
 
-from .step_embedding import unet_config
+from .step_embedding import like, unet_config
 
 
 def cfg_combine(*, uncond, cond, guidance_scale):
@@ -66,7 +66,8 @@ def add_guidance_embedding(unet, dim: int):
                          "train it as it is instead of adding another.")
     if dim < 2:
         raise ValueError(f"The guidance embedding dimension must be >= 2, got {dim}.")
-    student = placed_like(type(unet).from_config(unet_config(unet, time_cond_proj_dim=dim)), unet)
+    # cast BEFORE loading: float64 weights loaded into a float32 model would be rounded
+    student = like(type(unet).from_config(unet_config(unet, time_cond_proj_dim=dim)), unet)
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
     if missing != [COND_PROJ] or unexpected:
         raise RuntimeError(f"Unexpected weights while adding the guidance embedding: missing {missing}, unexpected {unexpected}.")
@@ -93,14 +94,7 @@ def fold_guidance_embedding(unet, guidance_scale: float):
         cond_proj_weight=state.pop(COND_PROJ).double(), condition=condition,
     )
     state[TIME_BIAS_1] = bias.to(state[TIME_BIAS_1].dtype)
-    folded = placed_like(type(unet).from_config(unet_config(unet, time_cond_proj_dim=None)), unet)
+    folded = like(type(unet).from_config(unet_config(unet, time_cond_proj_dim=None)), unet)
     folded.load_state_dict(state)
     return folded.eval()
 
-
-def placed_like(model, reference):
-    """`model` on `reference`'s device and in its dtype (cast only when it differs: diffusers warns on any cast), before
-    weights are loaded into it: float64 weights loaded into a float32 model would be rounded."""
-    parameter = next(reference.parameters())
-    model = model.to(parameter.device)
-    return model if next(model.parameters()).dtype == parameter.dtype else model.to(parameter.dtype)

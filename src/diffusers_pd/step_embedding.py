@@ -22,6 +22,13 @@ def unet_config(unet: UNet2DModel, **changes) -> dict:
     return {**{key: value for key, value in unet.config.items() if not key.startswith("_")}, **changes}
 
 
+def like(model: torch.nn.Module, reference: torch.nn.Module) -> torch.nn.Module:
+    """`model` on `reference`'s device and in its dtype (a dtype cast only where they differ)."""
+    parameter = next(reference.parameters())
+    model = model.to(parameter.device)
+    return model if next(model.parameters()).dtype == parameter.dtype else model.to(parameter.dtype)
+
+
 def check_no_class_embedding(unet: UNet2DModel) -> None:
     """Raise if `unet` already has a class embedding (its slot is where the step count goes)."""
     if unet.class_embedding is not None or unet.config.num_class_embeds is not None or unet.config.class_embed_type is not None:
