@@ -210,3 +210,15 @@ def test_bad_guidance_input():
     with pytest.raises(ValueError, match="below 1"):
         check_guidance_range(0.5, 3.0)
     check_guidance_range(1.0, 1.0)
+
+
+def test_null_class_labels_of_a_class_conditional_teacher():
+    from diffusers_pd.guidance import null_class_labels
+
+    unet = tiny_unet(num_class_embeds=11)
+    assert torch.equal(null_class_labels(unet, 3), torch.tensor([10, 10, 10]))
+    assert torch.equal(null_class_labels(unet, 2, null_class=0), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="outside the teacher's class embedding 0..10"):
+        null_class_labels(unet, 2, null_class=11)
+    with pytest.raises(ValueError, match="needs a conditional teacher"):
+        null_class_labels(tiny_unet(), 2)

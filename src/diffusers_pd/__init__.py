@@ -24,6 +24,7 @@ _EXPORTS = {
     "Denoiser": "denoiser", "GuidedDenoiser": "denoiser",
     "add_guidance_embedding": "guidance", "cfg_combine": "guidance", "check_guidance_range": "guidance",
     "fold_guidance_embedding": "guidance", "guidance_scale_embedding": "guidance", "guidance_timestep_cond": "guidance",
+    "null_class_labels": "guidance",
     "GRID_KINDS": "grids", "Grid": "grids", "nested_indices": "grids", "student_grid": "grids", "teacher_grid": "grids",
     "SFDLoss": "sfd", "check_nfe": "sfd", "sfd_sample": "sfd", "step_count_cond": "sfd",
     "TEACHER_SOLVERS": "solvers", "ddim_trajectory": "solvers", "dpm_solver_pp_trajectory": "solvers",

@@ -98,3 +98,17 @@ def fold_guidance_embedding(unet, guidance_scale: float):
     folded.load_state_dict(state)
     return folded.eval()
 
+
+
+def null_class_labels(unet, batch_size: int, null_class=None) -> torch.Tensor:
+    """The unconditional `class_labels` of a class-conditional UNet2DModel for CFG: `null_class` for every sample
+    (default: its last class embedding, num_class_embeds - 1, where class-conditional trainers put the null class)."""
+    num_classes = unet.config.get("num_class_embeds")
+    if num_classes is None:
+        raise ValueError("Guidance needs a conditional teacher: this UNet has no class embedding (num_class_embeds) and no text input.")
+    null_class = num_classes - 1 if null_class is None else int(null_class)
+    if not 0 <= null_class < num_classes:
+        raise ValueError(f"Null class {null_class} is outside the teacher's class embedding 0..{num_classes - 1}: a class-conditional "
+                         "teacher needs a null class (trained with label dropout) for guidance.")
+    device = next(unet.parameters()).device
+    return torch.full((batch_size,), null_class, dtype=torch.long, device=device)
