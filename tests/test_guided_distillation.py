@@ -107,3 +107,40 @@ def test_bad_input():
         GuidedDistillationLoss(embedding_dim=DIM)(
             Denoiser(add_guidance_embedding(teacher_unet, DIM), other), Denoiser(teacher_unet, SD_SCHEDULER), latents, noise,
             timesteps, scales, cond={"encoder_hidden_states": text}, uncond={"encoder_hidden_states": empty})
+
+
+def test_stage_two_target_with_conditions_lands_one_student_step_on_the_teachers_two_steps():
+    """Guided stage two: Algorithm 2 on a guidance-conditioned teacher, the teacher side conditioned on the same s."""
+    from diffusers_pd.grids import Grid
+    from diffusers_pd.guidance import guidance_timestep_cond
+    from diffusers_pd.loss import RawOutput
+    from diffusers_pd.scheduler import ProgressiveDistillationScheduler
+    from diffusers_pd.schedules import trailing_timesteps
+    from diffusers_pd.solvers import ddim_trajectory
+
+    teacher_unet = add_guidance_embedding(tiny_cond_unet(seed=4), DIM).double()
+    torch.nn.init.normal_(teacher_unet.time_embedding.cond_proj.weight, std=0.3)
+    scheduler = ProgressiveDistillationScheduler.from_config(SD_SCHEDULER)
+    scheduler.set_timesteps(4)  # the student's grid; the teacher steps on the 8-step one
+    latents, text, _, noise, _, _ = (t.double() if t.is_floating_point() else t for t in batch(seed=7, size=2))
+    grid_index = torch.tensor([1, 3])  # an inner point and the last one (to the clean sample)
+    t = scheduler.timesteps[grid_index]
+    alpha, sigma = scheduler.alpha_sigma(t, latents)
+    z = alpha * latents + sigma * noise
+    points = torch.tensor([*trailing_timesteps(1000, 8), -1], dtype=torch.float64)  # the 8-step grid, float64 table
+    teacher_grid = Grid(points, *Denoiser(teacher_unet, SD_SCHEDULER).alpha_sigma(points))
+    targets = {}
+    for s in (1.0, 4.0):
+        cond = {"encoder_hidden_states": text, "timestep_cond": guidance_timestep_cond(s, DIM, batch_size=2).double()}
+        x_target = scheduler.distillation_target_x(RawOutput(teacher_unet, **cond), z, t)
+        targets[s] = x_target
+        for i, k in enumerate(grid_index.tolist()):  # the teacher's own two DDIM steps from point 2k to 2k + 2
+            two_steps = ddim_trajectory(Denoiser(teacher_unet, SD_SCHEDULER), z[i:i + 1], teacher_grid.subgrid([2 * k, 2 * k + 1, 2 * k + 2]),
+                                        encoder_hidden_states=cond["encoder_hidden_states"][i:i + 1], timestep_cond=cond["timestep_cond"][i:i + 1])
+            alpha_next, sigma_next = teacher_grid.alphas[2 * k + 2], teacher_grid.sigmas[2 * k + 2]
+            if sigma_next > 0:  # one student DDIM step with x~ lands on the teacher's z_t''
+                eps = (z[i] - alpha[i] * x_target[i]) / sigma[i]
+                torch.testing.assert_close(alpha_next * x_target[i] + sigma_next * eps, two_steps[-1, 0], atol=1e-9, rtol=0)
+            else:  # last step: the teacher's x-hat at t'
+                torch.testing.assert_close(x_target[i], two_steps[-1, 0], atol=1e-9, rtol=0)
+    assert (targets[1.0] - targets[4.0]).abs().max() > 1e-3  # the teacher side is conditioned on s
