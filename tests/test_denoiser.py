@@ -89,3 +89,19 @@ def test_class_labels_are_forwarded():
 def test_epsilon_prediction_at_zero_terminal_snr_is_refused():
     with pytest.raises(ValueError, match="zero terminal SNR"):
         Denoiser(tiny_unet(), {**CONFIG, "rescale_betas_zero_snr": True})
+
+
+def test_unet2d_condition_inputs_are_forwarded_and_cast_to_the_unet_dtype():
+    from tiny_sd import SD_SCHEDULER, TEXT_DIM, tiny_cond_unet
+
+    unet = tiny_cond_unet(time_cond_proj_dim=8).double()
+    torch.nn.init.normal_(unet.time_embedding.cond_proj.weight)
+    denoiser = Denoiser(unet, SD_SCHEDULER)
+    generator = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    text, w = torch.randn(2, 16, TEXT_DIM, generator=generator), torch.randn(2, 8, generator=generator)  # float32
+    _, eps = denoiser(z, 321, encoder_hidden_states=text, timestep_cond=w)
+    expected = unet(z, torch.full((2,), 321.0), encoder_hidden_states=text.double(), timestep_cond=w.double()).sample
+    torch.testing.assert_close(eps, expected, atol=1e-12, rtol=0)
+    assert (denoiser(z, 321, encoder_hidden_states=text.flip(0), timestep_cond=w)[1] - eps).abs().max() > 1e-4
+    assert (denoiser(z, 321, encoder_hidden_states=text, timestep_cond=w.flip(0))[1] - eps).abs().max() > 1e-4

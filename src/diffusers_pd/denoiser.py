@@ -15,13 +15,18 @@ from typing import Mapping, Optional, Tuple, Union
 
 import torch
 
+from .guidance import cfg_combine
 from .parameterization import check_prediction_type, x_eps_from_output
 from .scheduler import check_parameterization_fits_schedule
 from .schedules import alpha_sigma_interpolated, alphas_cumprod_from_config
 
 
 class Denoiser:
-    """D(z, t, cond) -> (x-hat, eps-hat) for any `UNet2DModel` (or a wrapper such as DDP) and its VP schedule.
+    """D(z, t, cond) -> (x-hat, eps-hat) for any diffusers UNet (or a wrapper such as DDP) and its VP schedule.
+
+    `cond` is the UNet's own keyword inputs: `class_labels` (class-conditional `UNet2DModel`),
+    `encoder_hidden_states` and `timestep_cond` (`UNet2DConditionModel`); floating-point ones are cast to the
+    UNet's dtype (a half-precision teacher takes float32 text embeddings).
 
     Args:
         unet: the network, called as `unet(z, timesteps, **cond).sample` with float timesteps of shape (batch,).
@@ -58,7 +63,64 @@ class Denoiser:
         sigma = torch.as_tensor(sigma, dtype=dtype).reshape(shape).to(z.device)
         model_dtype = next(self.unet.parameters()).dtype
         model_timesteps = timesteps.to(z.device, torch.float32).expand(z.shape[0])
+        cond = {key: value.to(model_dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+                for key, value in cond.items()}
         output = self.unet(z.to(model_dtype), model_timesteps, **cond).sample
         return x_eps_from_output(
             output=output.to(dtype), z=z.to(dtype), alpha=alpha, sigma=sigma, prediction_type=self.prediction_type
         )
+
+
+def repeat_per_sample(value, batch_size: int):
+    """`value` (None, a scalar or one entry per sample) for a batch stacked twice: per-sample entries repeated."""
+    if value is None:
+        return None
+    value = torch.as_tensor(value)
+    if value.numel() > 1 and value.numel() != batch_size:
+        raise ValueError(f"Expected one value or {batch_size} (one per sample), got {value.numel()}.")
+    return value.reshape(-1).repeat(2) if value.numel() > 1 else value
+
+
+class GuidedDenoiser:
+    """Classifier-free guidance of a conditional `Denoiser` as ONE batched forward:
+    D_s(z, t, c) = D(z, t, u) + s (D(z, t, c) - D(z, t, u)), x-hat and eps-hat combined alike (see guidance.py).
+
+    Called as `guided(z, t, guidance_scale=s, uncond={...}, alpha=..., sigma=..., **cond)`: the network sees
+    [z; z] with [uncond[k]; cond[k]] for every key of `uncond` (the null text embeddings or the null class label)
+    and [cond[k]; cond[k]] for the other keys of `cond` (inputs both halves share). `guidance_scale` is a number
+    or one per sample. Solvers pass `guidance_scale` and `uncond` through like any other condition.
+    """
+
+    def __init__(self, denoiser: Denoiser):
+        self.denoiser = denoiser
+
+    def alpha_sigma(self, timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The wrapped denoiser's (alpha_t, sigma_t)."""
+        return self.denoiser.alpha_sigma(timesteps)
+
+    def __call__(
+        self,
+        z: torch.Tensor,
+        timesteps: Union[float, torch.Tensor],
+        *,
+        guidance_scale: Union[float, torch.Tensor],
+        uncond: Mapping[str, torch.Tensor],
+        alpha: Optional[Union[float, torch.Tensor]] = None,
+        sigma: Optional[Union[float, torch.Tensor]] = None,
+        **cond,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x-hat, eps-hat) of the guided prediction at scale s from one network call on the doubled batch."""
+        if not uncond or set(uncond) - set(cond):
+            raise ValueError(
+                f"uncond must give the unconditional value of some of the conditions {sorted(cond)}, got {sorted(uncond)}: "
+                "pass e.g. uncond={'encoder_hidden_states': empty_prompt_embeds} or {'class_labels': null_labels}."
+            )
+        batch = z.shape[0]
+        both = {key: torch.cat([uncond.get(key, value), value]) for key, value in cond.items()}
+        x, eps = self.denoiser(
+            torch.cat([z, z]), repeat_per_sample(timesteps, batch),
+            alpha=repeat_per_sample(alpha, batch), sigma=repeat_per_sample(sigma, batch), **both,
+        )
+        (x_u, x_c), (eps_u, eps_c) = x.chunk(2), eps.chunk(2)
+        return (cfg_combine(uncond=x_u, cond=x_c, guidance_scale=guidance_scale),
+                cfg_combine(uncond=eps_u, cond=eps_c, guidance_scale=guidance_scale))

@@ -208,9 +208,14 @@ def save_pipeline_folder(
     folder: PathLike, unet, stock_scheduler, metadata: Dict[str, Any], files: Dict[str, bytes], **save_kwargs
 ) -> None:
     """Atomically write a stock DDPMPipeline folder, `metadata` under `_diffusers_pd` of its scheduler config, `files`."""
-    stock_scheduler.register_to_config(**{METADATA_KEY: metadata})
+    write_pipeline_folder(folder, DDPMPipeline(unet=unet, scheduler=stock_scheduler), metadata, files, **save_kwargs)
+
+
+def write_pipeline_folder(folder: PathLike, pipeline, metadata: Dict[str, Any], files: Dict[str, bytes], **save_kwargs) -> None:
+    """Atomically write any stock `pipeline`, `metadata` under `_diffusers_pd` of its scheduler config, and `files`."""
+    pipeline.scheduler.register_to_config(**{METADATA_KEY: metadata})
     with atomic_directory(folder) as tmp:
-        DDPMPipeline(unet=unet, scheduler=stock_scheduler).save_pretrained(tmp, **save_kwargs)
+        pipeline.save_pretrained(tmp, **save_kwargs)
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
 
@@ -288,18 +293,19 @@ def move_entries_into(staged: Path, folder: Path) -> None:
             old.unlink()
 
 
-def card_front_matter(tag: str, base_model: Optional[str] = None) -> str:
-    """The YAML metadata block of this package's model cards: diffusers library, unconditional pipeline, `tag`."""
+def card_front_matter(tag: str, base_model: Optional[str] = None, pipeline_tag: str = "unconditional-image-generation") -> str:
+    """The YAML metadata block of this package's model cards: diffusers library, `pipeline_tag`, `tag`."""
     base_model_line = f"base_model: {base_model}\n" if base_model else ""
     return (
-        "---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\ntags:\n- diffusers\n"
-        f"- diffusers-pd\n- {tag}\n- unconditional-image-generation\n{base_model_line}---\n"
+        f"---\nlibrary_name: diffusers\npipeline_tag: {pipeline_tag}\ntags:\n- diffusers\n"
+        f"- diffusers-pd\n- {tag}\n- {pipeline_tag}\n{base_model_line}---\n"
     )
 
 
 METHOD_NAMES = {
     "progressive_distillation": "Progressive Distillation (Salimans & Ho, ICLR 2022)",
     "sfd": "SFD, Simple and Fast Distillation (Zhou et al., NeurIPS 2024)",
+    "guided_distillation": "guided distillation (Meng et al., CVPR 2023)",
 }
 
 
@@ -349,20 +355,23 @@ Always pass `num_inference_steps={steps}`: the student was trained for exactly t
 """
 
 
-def model_card_text(info: Dict[str, Any], repo_or_folder: str, training: Optional[Dict[str, Any]] = None) -> str:
-    """A Hub model card (YAML metadata + usage) for a saved student described by its metadata `info`."""
+def card_fields(
+    info: Dict[str, Any], repo_or_folder: str, training: Optional[Dict[str, Any]] = None, *,
+    pipeline_tag: str = "unconditional-image-generation", default_method: str = "progressive_distillation",
+) -> Dict[str, Any]:
+    """The fields that every model card template of this package fills from a student's metadata `info`."""
     teacher = info.get("teacher") or "a diffusion model"
     # the Hub's base_model only for a Hub teacher (`teacher_source`; older metadata: a name that is no local folder)
     from_hub = info.get("teacher_source", "local" if Path(str(teacher)).exists() else "hub") == "hub"
     base_model = info.get("teacher") if info.get("teacher") and from_hub else None
     if Path(repo_or_folder).is_absolute():  # a card can be pushed: never a machine path, the folder name only
         repo_or_folder = Path(repo_or_folder).name
-    method = info.get("method", "progressive_distillation")
+    method = info.get("method", default_method)
     rows = {"method": method, "steps": info["num_inference_steps"], "teacher prediction type": info.get("teacher_prediction_type"),
             "student prediction type": info["prediction_type"], **(training or {})}
-    return MODEL_CARD.format(
+    return dict(
         title=f"{info['num_inference_steps']}-step student of {teacher}",
-        front_matter=card_front_matter(method.replace("_", "-"), base_model),
+        front_matter=card_front_matter(method.replace("_", "-"), base_model, pipeline_tag),
         steps=info["num_inference_steps"],
         teacher=teacher,
         method_name=METHOD_NAMES.get(method, method),
@@ -374,3 +383,142 @@ def model_card_text(info: Dict[str, Any], repo_or_folder: str, training: Optiona
         exact_note="" if info.get("stock_exact", True) else " only approximately (see `stock_exact` in the scheduler config)",
         training_rows="\n".join(f"| {k} | {v} |" for k, v in rows.items()),
     )
+
+
+def model_card_text(info: Dict[str, Any], repo_or_folder: str, training: Optional[Dict[str, Any]] = None) -> str:
+    """A Hub model card (YAML metadata + usage) for a saved student described by its metadata `info`."""
+    return MODEL_CARD.format(**card_fields(info, repo_or_folder, training))
+
+
+SD_MODEL_CARD = """{front_matter}
+# {title}
+
+A {steps}-step text-to-image student of `{teacher}`, distilled with {method_name} using `diffusers_pd`.
+It is a full `StableDiffusionPipeline` (no safety checker) that predicts `{prediction_type}` and samples with
+deterministic DDIM on its own {steps}-step grid (timesteps {timesteps}).
+
+![samples](samples.png)
+
+## Use
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{repo_or_folder}")
+image = pipe("a photo of ...", num_inference_steps={steps}, guidance_scale={example_scale}).images[0]
+```
+
+Always pass `num_inference_steps={steps}`: the student was trained for exactly this grid, and the saved
+`{stock_scheduler}` reproduces it{exact_note}.
+
+## Guidance
+
+{guidance_note}
+
+## Training
+
+| | |
+|---|---|
+{training_rows}
+"""
+
+
+def guidance_card_note(info: Dict[str, Any]) -> str:
+    """The model card's guidance paragraph: a guidance-conditioned student, one folded at a scale, or no guidance."""
+    if info.get("guidance_embedding_dim") is not None:
+        return (
+            f"The UNet takes the guidance scale s as an input (`time_cond_proj_dim={info['guidance_embedding_dim']}`, fed by "
+            "the pipeline as `timestep_cond`), so `StableDiffusionPipeline` skips its unconditional batch and runs ONE UNet "
+            f"call per step at any s. Trained for s in [{info['guidance_scale_min']}, {info['guidance_scale_max']}]. "
+            "Negative prompts are unsupported by a guidance-conditioned student: the pipeline never evaluates them."
+        )
+    if info.get("guidance_scale_folded") is not None:
+        return (
+            f"Classifier-free guidance at s = {info['guidance_scale_folded']} is built into the weights: pass "
+            "`guidance_scale=1.0` (one UNet call per step); a larger value would apply guidance a second time, at two "
+            "calls per step. Negative prompts are unsupported."
+        )
+    return "The student was distilled without guidance; `guidance_scale > 1` applies classifier-free guidance at two UNet calls per step."
+
+
+def sd_model_card_text(info: Dict[str, Any], repo_or_folder: str, training: Optional[Dict[str, Any]] = None) -> str:
+    """A Hub model card (YAML metadata + usage + guidance) for a saved text-to-image student described by `info`."""
+    fields = card_fields(info, repo_or_folder, training, pipeline_tag="text-to-image", default_method="guided_distillation")
+    example_scale = info["guidance_scale_max"] if info.get("guidance_embedding_dim") is not None else 1.0
+    return SD_MODEL_CARD.format(**fields, example_scale=example_scale, guidance_note=guidance_card_note(info))
+
+
+def set_sd_steps_offset(stock, num_steps: int) -> None:
+    """Give `stock` steps_offset=1, which StableDiffusionPipeline otherwise forces on loading (with a deprecation
+    warning); on the trailing, Karras and log-SNR grids the offset changes nothing, which is checked here."""
+    stock.set_timesteps(num_steps)
+    before = stock.timesteps.clone()
+    stock.register_to_config(steps_offset=1)
+    stock.set_timesteps(num_steps)
+    if not torch.equal(stock.timesteps, before):
+        raise RuntimeError(f"steps_offset=1 moves the {num_steps}-step grid of {type(stock).__name__}: it cannot be saved "
+                           "in a StableDiffusionPipeline, which forces that offset.")
+
+
+def save_stock_sd_pipeline(
+    folder: PathLike,
+    components: Dict[str, Any],
+    unet,
+    num_inference_steps: int,
+    scheduler_config,
+    *,
+    grid: str = "trailing",
+    prediction_type: Optional[str] = None,
+    teacher: Optional[str] = None,
+    guidance_scale_min: Optional[float] = None,
+    guidance_scale_max: Optional[float] = None,
+    guidance_scale_folded: Optional[float] = None,
+    method: str = "guided_distillation",
+    extra_files: Optional[Dict[str, bytes]] = None,
+    card_repo_id: Optional[str] = None,
+    card_training: Optional[Dict[str, Any]] = None,
+    save_kwargs: Optional[Dict[str, Any]] = None,
+    **metadata,
+) -> Dict[str, Any]:
+    """Write a text-to-image student as a full stock `StableDiffusionPipeline` folder atomically; returns its metadata.
+
+    `components` are the teacher's `vae`, `text_encoder` and `tokenizer` (as `loading.load_sd_teacher` returns them);
+    `unet` is the student, guidance-conditioned (`time_cond_proj_dim`: give the trained range `guidance_scale_min/max`),
+    folded at one scale (`guidance_scale_folded`) or plain. The scheduler is the stock one that reproduces the student's
+    N-step `grid` of the teacher's schedule (`stock_scheduler_for`; `scheduler_config` is the teacher's, e.g. SD's own
+    PNDM with steps_offset=1, of which only the schedule is kept), predicting `prediction_type` (default: the
+    teacher's). No safety checker (`requires_safety_checker=False`). Metadata, model card and `extra_files` as in
+    `save_student`; `save_kwargs` go to `StableDiffusionPipeline.save_pretrained`.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    missing = [name for name in ("vae", "text_encoder", "tokenizer") if components.get(name) is None]
+    if missing:
+        raise ValueError(f"save_stock_sd_pipeline needs the teacher's {', '.join(missing)} in `components` (from load_sd_teacher).")
+    guidance_embedding_dim = unet.config.get("time_cond_proj_dim")
+    if guidance_embedding_dim is not None and (guidance_scale_min is None or guidance_scale_max is None):
+        raise ValueError("This student takes a guidance embedding: pass the guidance_scale_min/max it was trained for (its model card states them).")
+    teacher_prediction_type = scheduler_config.get("prediction_type", "epsilon")
+    config = {**schedule_kwargs(scheduler_config), "prediction_type": prediction_type or teacher_prediction_type}
+    stock, exact = stock_scheduler_for(config, num_inference_steps, grid)
+    set_sd_steps_offset(stock, num_inference_steps)
+    info = student_metadata(
+        config, num_inference_steps, teacher=teacher, teacher_prediction_type=teacher_prediction_type, method=method,
+        stock_scheduler=type(stock).__name__, stock_exact=exact, grid=grid, guidance_embedding_dim=guidance_embedding_dim,
+        guidance_scale_min=guidance_scale_min, guidance_scale_max=guidance_scale_max, guidance_scale_folded=guidance_scale_folded,
+        **metadata,
+    )
+    if grid != "trailing" and exact:
+        info["timesteps"] = stock.timesteps.tolist()  # the stock scheduler built this grid from its config alone
+    if not exact:
+        logger.warning("No stock diffusers scheduler reproduces the %d-step %s grid of this schedule exactly; %s saved it with "
+                       "%s (metadata stock_exact=false).", num_inference_steps, grid, folder, type(stock).__name__)
+    card = ModelCard(sd_model_card_text(info, card_repo_id or str(folder), card_training))
+    pipeline = StableDiffusionPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"], unet=unet,
+        scheduler=stock, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False,
+    )
+    files = {"README.md": str(card).encode("utf-8"), **(extra_files or {})}
+    write_pipeline_folder(folder, pipeline, info, files, **(save_kwargs or {}))
+    return info

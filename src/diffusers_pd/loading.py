@@ -1,5 +1,6 @@
 """Load a teacher (Hub id or folder) through `from_pretrained`, with one clear error for each way it can be wrong."""
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -106,3 +107,77 @@ def load_teacher(
     # diffusers records the source in the config, which every student saved from this unet copies: no machine path
     unet.register_to_config(_name_or_path=public_name(name_or_path))
     return unet, scheduler_config
+
+
+# What a text-to-image (Stable Diffusion) teacher must hold, and the libraries its components may come from.
+SD_TEACHER_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_COMPONENT_LIBRARIES = ("diffusers", "transformers")
+
+
+def pipeline_model_index(name_or_path: str, revision: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """The pipeline's model_index.json as a dict, or None if `name_or_path` holds none."""
+    from diffusers import DiffusionPipeline
+
+    return _load_config(DiffusionPipeline, name_or_path, None, revision)
+
+
+def is_text_to_image_pipeline(name_or_path: str, revision: Optional[str] = None) -> bool:
+    """Whether `name_or_path` is a pipeline whose model_index.json names a text encoder (a Stable Diffusion layout)."""
+    model_index = pipeline_model_index(name_or_path, revision) or {}
+    return (model_index.get("text_encoder") or [None])[0] is not None
+
+
+def _component_class(name: str, entry, name_or_path: str):
+    """The class that model_index.json names for component `name` (from diffusers or transformers only)."""
+    library, class_name = entry
+    if library not in SD_COMPONENT_LIBRARIES:
+        raise ValueError(f"The {name} of {name_or_path!r} comes from {library!r}: a teacher's components must come from "
+                         f"{' or '.join(SD_COMPONENT_LIBRARIES)}.")
+    module = importlib.import_module(library)
+    if not hasattr(module, class_name):
+        raise ValueError(f"The {name} of {name_or_path!r} is a {class_name}, which {library} does not have: update {library}.")
+    return getattr(module, class_name)
+
+
+def load_sd_teacher(
+    name_or_path: str, revision: Optional[str] = None, torch_dtype=None
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(components, scheduler config) of a Stable Diffusion pipeline (folder or Hub id) recognised by its model_index.json.
+
+    `components` holds `unet` (a UNet2DConditionModel), `vae`, `text_encoder` and `tokenizer`, each loaded with its own
+    class's `from_pretrained` (`torch_dtype` for the three networks). The scheduler config is read as saved (SD's own
+    DDIM/PNDM with steps_offset=1, set_alpha_to_one=False, scaled_linear: only its noise schedule and prediction_type
+    matter here), with diffusers' default prediction_type "epsilon" filled in where an old config has none.
+    Raises ValueError naming the fix when the pipeline cannot be a text-to-image teacher.
+    """
+    local = Path(name_or_path)
+    if local.exists() and not local.is_dir():
+        raise ValueError(f"--teacher {name_or_path} is a file: pass a Stable Diffusion pipeline folder or Hub id.")
+    if not local.exists():
+        check_hub_reachable(name_or_path, revision)
+    model_index = pipeline_model_index(name_or_path, revision)
+    if model_index is None:
+        raise ValueError(f"{name_or_path!r} has no model_index.json: pass a Stable Diffusion pipeline folder or Hub id "
+                         "(model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
+    missing = [name for name in SD_TEACHER_COMPONENTS if (model_index.get(name) or [None])[0] is None]
+    if missing:
+        raise ValueError(f"The pipeline at {name_or_path!r} has no {', '.join(missing)}: a text-to-image teacher needs "
+                         f"{', '.join(SD_TEACHER_COMPONENTS)} (a full StableDiffusionPipeline folder).")
+    unet_class = _component_class("unet", model_index["unet"], name_or_path)
+    if unet_class.__name__ != "UNet2DConditionModel":
+        raise ValueError(f"The unet of {name_or_path!r} is a {unet_class.__name__}: a text-to-image teacher's unet is a "
+                         "UNet2DConditionModel.")
+    scheduler_config = _load_config(DDPMScheduler, name_or_path, "scheduler", revision)
+    if scheduler_config is None:
+        raise ValueError(f"Cannot read scheduler/scheduler_config.json of {name_or_path!r}: the pipeline folder is incomplete.")
+    scheduler_config.setdefault("prediction_type", "epsilon")
+    components = {}
+    for name in ("unet", "vae", "text_encoder", "tokenizer"):
+        component_class = _component_class(name, model_index[name], name_or_path)
+        kwargs = {} if name == "tokenizer" or torch_dtype is None else {"torch_dtype": torch_dtype}
+        try:
+            components[name] = component_class.from_pretrained(name_or_path, subfolder=name, revision=revision, **kwargs)
+        except (OSError, EnvironmentError, ValueError, RuntimeError) as error:
+            raise ValueError(f"Cannot load the {name} of {name_or_path!r}: {error}".splitlines()[0]) from error
+    components["unet"].register_to_config(_name_or_path=public_name(name_or_path))  # no machine path in any student
+    return components, scheduler_config

@@ -16,13 +16,16 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RawOutput:
-    """Callable (z, t) -> the raw output tensor of a diffusers UNet (which returns a `UNet2DOutput`)."""
+    """Callable (z, t) -> the raw output tensor of a diffusers UNet (which returns a `UNet2DOutput`), passing the fixed
+    keyword conditions `cond` of one batch on every call (`class_labels`; `encoder_hidden_states`, `timestep_cond`):
+    with them the losses below distil conditional and guidance-conditioned models unchanged (guided stage two)."""
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, **cond):
         self.unet = unet
+        self.cond = cond
 
     def __call__(self, z: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.unet(z, timesteps).sample
+        return self.unet(z, timesteps, **self.cond).sample
 
 
 def weighted_x_mse(*, x_hat, x_target, alpha, sigma, weighting: str) -> torch.Tensor:

@@ -43,12 +43,12 @@ def add_step_embedding(unet: UNet2DModel, max_nfe: int) -> UNet2DModel:
     check_no_class_embedding(unet)
     if max_nfe < 1:
         raise ValueError(f"max_nfe must be >= 1, got {max_nfe}.")
-    student = UNet2DModel.from_config(unet_config(unet, num_class_embeds=max_nfe + 1))
+    student = like(UNet2DModel.from_config(unet_config(unet, num_class_embeds=max_nfe + 1)), unet)  # cast, then load
     missing, unexpected = student.load_state_dict(unet.state_dict(), strict=False)
     if missing != [STEP_EMBEDDING] or unexpected:
         raise RuntimeError(f"Unexpected weights while adding the step embedding: missing {missing}, unexpected {unexpected}.")
     torch.nn.init.zeros_(student.class_embedding.weight)
-    return like(student, unet).train(unet.training)
+    return student.train(unet.training)
 
 
 def fold_step_embedding(unet: UNet2DModel, nfe: int) -> UNet2DModel:
@@ -60,6 +60,6 @@ def fold_step_embedding(unet: UNet2DModel, nfe: int) -> UNet2DModel:
     state = dict(unet.state_dict())
     step_vector = state.pop(STEP_EMBEDDING)[nfe]
     state[TIME_BIAS] = state[TIME_BIAS] + step_vector
-    folded = UNet2DModel.from_config(unet_config(unet, num_class_embeds=None))
+    folded = like(UNet2DModel.from_config(unet_config(unet, num_class_embeds=None)), unet)  # cast, then load
     folded.load_state_dict(state)
-    return like(folded, unet).eval()
+    return folded.eval()

@@ -1,0 +1,80 @@
+"""Guided distillation, stage one (Meng et al., "On Distillation of Guided Diffusion Models", CVPR 2023).
+
+A guidance-conditioned student x-hat_eta(z_t, t, c, e(s - 1)) learns the teacher's classifier-free-guided prediction
+at scale s, s drawn per sample from [s_min, s_max] and t from the whole table:
+
+    L = w(lambda_t) || x-hat_eta(z_t, t, c, e(s - 1)) - x-hat^s_theta(z_t, t, c) ||^2,
+    x-hat^s_theta = x-hat_theta(z_t, t, u) + s (x-hat_theta(z_t, t, c) - x-hat_theta(z_t, t, u)),
+
+with z_t = alpha_t x + sigma_t eps, e the guidance embedding as `StableDiffusionPipeline` feeds it (guidance.py),
+and the teacher's conditional and unconditional passes as one batched forward (`GuidedDenoiser`). The loss object
+returns the UNREDUCED per-sample loss (the EDM pattern of loss.py); stage two (halvings of the student, the teacher
+side conditioned on the same s) reuses the progressive-distillation target with these conditions.
+"""
+
+from typing import Mapping, Optional
+
+import torch
+
+from .denoiser import Denoiser, GuidedDenoiser
+from .guidance import check_guidance_range, guidance_timestep_cond
+from .loss import weighted_x_mse
+from .parameterization import loss_weight
+
+
+def uniform_guidance_scales(batch_size: int, *, guidance_scale_min: float, guidance_scale_max: float,
+                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """s = s_min + (s_max - s_min) u, u ~ U[0, 1), one per sample (float32)."""
+    check_guidance_range(guidance_scale_min, guidance_scale_max)
+    return guidance_scale_min + (guidance_scale_max - guidance_scale_min) * torch.rand(batch_size, generator=generator)
+
+
+def draw_guided_batch(shape, *, num_train_timesteps: int, guidance_scale_min: float, guidance_scale_max: float,
+                      generator: Optional[torch.Generator] = None, device=None):
+    """(eps ~ N(0, I) of `shape`, t ~ U{0, ..., T - 1}, s ~ U[s_min, s_max]) per sample: one stage-one batch's randomness."""
+    noise = torch.randn(shape, generator=generator)
+    timesteps = torch.randint(num_train_timesteps, (shape[0],), generator=generator)
+    scales = uniform_guidance_scales(shape[0], guidance_scale_min=guidance_scale_min, guidance_scale_max=guidance_scale_max,
+                                     generator=generator)
+    return noise.to(device), timesteps.to(device), scales.to(device)
+
+
+class GuidedDistillationLoss:
+    """Stage one of Meng et al. (2023): the student at e(s - 1) regresses the teacher's CFG x-hat at s (see the module).
+
+    Args:
+        embedding_dim: the student's `time_cond_proj_dim` (the guidance embedding's size).
+        weighting: w(lambda) of the x-space MSE: `"truncated_snr"` (max(SNR, 1), the paper's), `"snr_plus_one"`, ...
+    """
+
+    def __init__(self, *, embedding_dim: int, weighting: str = "truncated_snr"):
+        loss_weight(alpha=torch.ones(1), sigma=torch.ones(1), weighting=weighting)  # validate early
+        self.embedding_dim = embedding_dim
+        self.weighting = weighting
+
+    def __call__(
+        self,
+        student: Denoiser,
+        teacher: Denoiser,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        guidance_scales: torch.Tensor,
+        *,
+        cond: Mapping[str, torch.Tensor],
+        uncond: Mapping[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Per-sample loss at z_t = alpha_t x + sigma_t eps; `cond` / `uncond` are the teacher's conditional and null inputs
+        (e.g. `encoder_hidden_states`), `cond` is also the student's, which further gets `timestep_cond` = e(s - 1)."""
+        if not torch.equal(student.alphas_cumprod, teacher.alphas_cumprod):
+            raise ValueError("The student's and the teacher's Denoiser must share one noise schedule: build both from the teacher's scheduler config.")
+        alpha, sigma = teacher.alpha_sigma(torch.as_tensor(timesteps, dtype=torch.float64).cpu())
+        shape = (-1,) + (1,) * (latents.ndim - 1)
+        z = (alpha.reshape(shape).to(latents.device) * latents + sigma.reshape(shape).to(latents.device) * noise).to(latents.dtype)
+        with torch.no_grad():
+            x_target, _ = GuidedDenoiser(teacher)(z, timesteps, alpha=alpha, sigma=sigma, guidance_scale=guidance_scales,
+                                                  uncond=uncond, **cond)
+        embedding = guidance_timestep_cond(guidance_scales.cpu(), self.embedding_dim, batch_size=latents.shape[0])
+        x_hat, _ = student(z, timesteps, alpha=alpha, sigma=sigma, timestep_cond=embedding.to(latents.device), **cond)
+        return weighted_x_mse(x_hat=x_hat, x_target=x_target, alpha=alpha.to(latents.device), sigma=sigma.to(latents.device),
+                              weighting=self.weighting)
