@@ -30,6 +30,8 @@ REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "cache_dir", "resolution",
               "center_crop", "random_flip", "dataloader_num_workers")
 PD_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "prediction_type", *DATA_FLAGS)
+TEXT_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "guidance_embedding_dim", "caption_column",
+              "proportion_empty_prompts")
 SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "num_trajectories", "grid", "second_stage",
              "second_stage_trajectories", "second_stage_learning_rate")
 DEFAULT_LEARNING_RATE = {"progressive": 3e-4, "sfd": 5e-5}
@@ -78,13 +80,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--second_stage_trajectories", type=int, default=None,
                        help="The second stage's budget; None: --num_trajectories.")
     group.add_argument("--second_stage_learning_rate", type=float, default=5e-4, help="The second stage's learning rate.")
-    arguments.add_data_args(parser, resolution_help="None: the teacher's sample_size (the only one that works).")
+    group = parser.add_argument_group("text-to-image teachers (a Stable Diffusion pipeline as --teacher)")
+    group.add_argument("--guidance_scale_min", type=float, default=1.0,
+                       help="Smallest classifier-free guidance scale s the students learn (diffusers' scale; 1 = none).")
+    group.add_argument("--guidance_scale_max", type=float, default=5.0, help="Largest guidance scale s the students learn.")
+    group.add_argument("--guidance_iterations", type=int, default=None,
+                       help="Updates of the guided stage (the student learns the teacher's guided output); None: "
+                       "--iterations_per_stage.")
+    group.add_argument("--guidance_embedding_dim", type=int, default=256,
+                       help="Size of the students' guidance embedding (`time_cond_proj_dim`).")
+    group.add_argument("--caption_column", type=str, default="text", help="Column holding the captions.")
+    group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                       help="Share of captions replaced by the empty prompt, drawn per batch.")
+    arguments.add_data_args(parser, resolution_help="None: the teacher's (the UNet's sample_size x the VAE's factor).")
     arguments.add_optimization_args(parser, learning_rate=None,
                                     learning_rate_help="None: 3e-4 for progressive, 5e-5 (the paper's) for sfd")
     arguments.add_output_args(parser, output_dir="pd-output")
     args = parser.parse_args(argv)
     given = arguments.given_flags(parser, sys.argv[1:] if argv is None else argv)
-    foreign = [name for name in (SFD_FLAGS if args.method == "progressive" else PD_FLAGS) if name in given]
+    foreign = [name for name in (SFD_FLAGS if args.method == "progressive" else PD_FLAGS + TEXT_FLAGS) if name in given]
+    args.given = given
     if foreign:
         other = "sfd" if args.method == "progressive" else "progressive"
         hint = "(SFD needs no data)" if foreign[0] in DATA_FLAGS else f"or pass --method {other}"
@@ -110,14 +125,19 @@ from accelerate.utils import set_seed  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from diffusers_pd import ProgressiveDistillationScheduler, interrupt, save_student, training  # noqa: E402
+from diffusers_pd import ProgressiveDistillationScheduler, interrupt, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_text  # noqa: E402
 from diffusers_pd.data import load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
-from diffusers_pd.loading import load_teacher, public_name  # noqa: E402
+from diffusers_pd.guidance import check_guidance_range  # noqa: E402
+from diffusers_pd.guided import GuidedDistillation  # noqa: E402
+from diffusers_pd.loading import is_text_to_image_pipeline, load_sd_teacher, load_teacher, public_name  # noqa: E402
 from diffusers_pd.method import DistillationMethod, FinishedStudent, LoopContext, Stage  # noqa: E402
 from diffusers_pd.pipeline import mean_squared_distance, sampler_grid  # noqa: E402
 from diffusers_pd.progressive import ProgressiveDistillation, stage_steps  # noqa: E402
 from diffusers_pd.sfd import SimpleFastDistillation  # noqa: E402
+from diffusers_pd.text_image_data import (  # noqa: E402
+    check_resolution, encode_text_image_dataset, load_text_image_dataset, vae_scale_factor,
+)
 
 logger = get_logger(__name__)
 SUMMARY_NOTE = (
@@ -132,7 +152,7 @@ SUMMARY_NOTE = (
 def validate(args):
     """Every check that can fail, before anything is written: returns (teacher unet, its scheduler config, dataset)."""
     training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
-                              leftovers=training.run_leftovers(args.logging_dir))
+                              leftovers=training.run_leftovers(args.logging_dir, "encoded_data.safetensors"))
     training.check_hub_args(args)
     if args.method == "progressive":
         stage_steps(args.start_steps, args.end_steps)
@@ -145,6 +165,11 @@ def validate(args):
         from diffusers_pd.hub import check_push_access
 
         check_push_access(args.hub_model_id, args.hub_token, args.hub_private_repo)
+    if is_text_to_image_pipeline(args.teacher, args.teacher_revision):
+        return validate_text_to_image(args)
+    text_only = [name for name in TEXT_FLAGS if name in args.given]
+    if text_only:
+        raise ValueError(f"--{text_only[0]} is for text-to-image teachers: {args.teacher} is no Stable Diffusion pipeline.")
     teacher, scheduler_config = load_teacher(args.teacher, args.teacher_scheduler, args.teacher_revision)
     if args.method == "progressive" and args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Pass the teacher's training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or --train_data_dir DIR.")
@@ -176,8 +201,59 @@ def validate(args):
     return teacher, dict(scheduler_config), dataset
 
 
+def validate_text_to_image(args):
+    """The checks of a Stable Diffusion teacher: returns (its unet, scheduler config, (components, image-caption data))."""
+    if args.method == "sfd":
+        raise ValueError("--method sfd does not take text-to-image teachers yet: use --method progressive (guided distillation).")
+    components, scheduler_config = load_sd_teacher(args.teacher, args.teacher_revision)
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise ValueError("Pass the teacher's image-caption data: --train_data_dir DIR (an imagefolder with metadata.jsonl) "
+                         "or --dataset_name NAME, with --caption_column.")
+    check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}.")
+    if (args.guidance_iterations or args.iterations_per_stage) < 1:
+        raise ValueError("--guidance_iterations must be at least 1.")
+    ProgressiveDistillationScheduler.from_config(scheduler_config)  # schedule and prediction-type checks
+    num_train_timesteps = int(scheduler_config["num_train_timesteps"])
+    if args.start_steps > num_train_timesteps // 2:
+        raise ValueError(f"--start_steps {args.start_steps}: use {num_train_timesteps // 2} or less for this teacher's "
+                         f"num_train_timesteps={num_train_timesteps}.")
+    unet, vae = components["unet"], components["vae"]
+    args.resolution = args.resolution or unet.config.sample_size * vae_scale_factor(vae)
+    check_resolution(args.resolution, vae)
+    if args.resolution // vae_scale_factor(vae) != unet.config.sample_size:
+        raise ValueError(f"--resolution {args.resolution} gives {args.resolution // vae_scale_factor(vae)}-pixel latents; the "
+                         f"teacher's UNet takes {unet.config.sample_size}: drop it or pass {unet.config.sample_size * vae_scale_factor(vae)}.")
+    dataset, image_column, caption_column = load_text_image_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split, args.image_column, args.caption_column,
+        args.cache_dir)
+    return unet, dict(scheduler_config), (components, dataset, image_column, caption_column)
+
+
+def encode_data(args, data, accelerator):
+    """The teacher's encodings of the image-caption pairs, cached in output_dir (computed once, read on resume)."""
+    components, dataset, image_column, caption_column = data
+    components = {name: module.to(accelerator.device) if hasattr(module, "to") else module for name, module in components.items()}
+    return components, encode_text_image_dataset(
+        dataset, image_column=image_column, caption_column=caption_column, vae=components["vae"],
+        tokenizer=components["tokenizer"], text_encoder=components["text_encoder"], resolution=args.resolution,
+        center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed,
+        cache_path=Path(args.output_dir) / "encoded_data.safetensors")
+
+
 def make_method(args, scheduler_config, dataset, teacher, num_processes: int) -> DistillationMethod:
     """The distillation method of `--method`, from the arguments (raises ValueError on a bad combination)."""
+    if isinstance(dataset, tuple):  # a text-to-image teacher: guided distillation, then halvings
+        components, data = dataset
+        prompts = data.caption_embeddings[data.caption_index[: min(4, len(data))]]
+        return GuidedDistillation(
+            components, scheduler_config, data, prompts, guidance_scale_min=args.guidance_scale_min,
+            guidance_scale_max=args.guidance_scale_max, guidance_iterations=args.guidance_iterations or args.iterations_per_stage,
+            iterations_per_stage=args.iterations_per_stage, start_steps=args.start_steps, end_steps=args.end_steps,
+            prediction_type=args.prediction_type, loss_weighting=args.loss_weighting, learning_rate=args.learning_rate,
+            embedding_dim=args.guidance_embedding_dim, proportion_empty_prompts=args.proportion_empty_prompts,
+        )
     sample_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     if args.method == "progressive":
         return ProgressiveDistillation(
@@ -231,8 +307,8 @@ def finish_student(done: FinishedStudent, stage: Stage, row: dict, validation, a
     if validation is not None:
         row["mse_to_teacher"] = mean_squared_distance(done.sampler(done.unet, validation["latents"]), validation["reference"])
         row["teacher_ddim_mse"] = validation["ddim"][done.nfe]
-        row["vs_teacher_ddim"] = "better"
-        if row["mse_to_teacher"] > row["teacher_ddim_mse"]:  # the stage did not distil: say what usually helps
+        row["vs_teacher_ddim"] = "better" if row["teacher_ddim_mse"] > 0 else "-"  # 0: the reference's own sampler
+        if 0 < row["teacher_ddim_mse"] < row["mse_to_teacher"]:  # the stage did not distil: say what usually helps
             row["vs_teacher_ddim"] = f"WORSE: raise {method.budget_flag}"
             logger.warning(
                 f"Stage {stage.name}: the {done.nfe}-step student is further from the teacher's reference samples "
@@ -241,13 +317,13 @@ def finish_student(done: FinishedStudent, stage: Stage, row: dict, validation, a
                 "for a student worth its steps.",
                 main_process_only=True)
     if accelerator.is_main_process:
-        grid = sampler_grid(done.unet, done.sampler, args.num_grid_images, accelerator.device)
+        grid = sampler_grid(done.unet, done.sampler, args.num_grid_images, accelerator.device, decode=method.decode)
         training.log_grid(accelerator, grid, step, f"samples/{done.nfe}steps")
-        save_student(
-            Path(args.output_dir) / done.folder_name, done.unet, done.scheduler, done.stock_steps,
+        done.save(
+            Path(args.output_dir) / done.folder_name,
             teacher=public_name(args.teacher), teacher_source="local" if Path(args.teacher).exists() else "hub",
             extra_files={"samples.png": training.png_bytes(grid)}, card_repo_id=args.hub_model_id,
-            card_training=method.card_training(stage, row["global_batch"]), stage=stage.index + 1, **done.save_kwargs,
+            card_training=method.card_training(stage, row["global_batch"]), stage=stage.index + 1,
         )
         row["hub"] = push(args) if args.push_to_hub else "-"
     return row
@@ -269,7 +345,9 @@ def distill(args, argv) -> dict:
         if args.method == "sfd" and args.gradient_accumulation_steps > 1:
             raise ValueError("--gradient_accumulation_steps: SFD updates once per student step along a trajectory; "
                              "raise --train_batch_size or use more processes instead.")
-        method = make_method(args, scheduler_config, dataset, teacher, training.launched_process_count())
+        text_to_image = isinstance(dataset, tuple)
+        if not text_to_image:
+            method = make_method(args, scheduler_config, dataset, teacher, training.launched_process_count())
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     output_dir = Path(args.output_dir)
@@ -281,6 +359,8 @@ def distill(args, argv) -> dict:
         sys.exit(f"error: {error}")
     device = accelerator.device
     set_seed(args.seed)  # dropout and anything else on the global RNGs (restored from a checkpoint on resume)
+    if text_to_image:  # the teacher encodes its training pairs once (latents, text embeddings), cached in output_dir
+        method = make_method(args, scheduler_config, encode_data(args, dataset, accelerator), teacher, accelerator.num_processes)
 
     # 3. resume: which stage, which iteration, the teacher of that stage
     stages = method.stages()
@@ -293,6 +373,7 @@ def distill(args, argv) -> dict:
         progress = training.read_progress(checkpoint)
         if progress.get("stages") != stage_names:
             sys.exit(f"error: {checkpoint} was made for stages {progress.get('stages')}, these arguments give {stage_names}.")
+        teacher = method.resume_teacher(teacher, progress["stage"])
         training.load_checkpoint(accelerator, checkpoint, {"teacher": teacher})
         method.load_state(progress)
         logger.info(f"Resuming from {checkpoint}: stage {progress['stage'] + 1}/{len(stages)}, iteration {progress['step']}")

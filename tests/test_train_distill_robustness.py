@@ -134,6 +134,29 @@ def poll_until(process: subprocess.Popen, output_dir: Path, done, interval: floa
         time.sleep(interval)
 
 
+def killed_then_resumed(common: list, resumable: list, straight_dir: Path, killed_dir: Path, env: dict, log: Path,
+                        ready, delay: float = 0.0) -> None:
+    """Run `resumable` until `ready()` (polling its output dir) and SIGKILL it `delay` s later; rerun it with
+    --resume_from_checkpoint latest to the end; run `common` uninterrupted into `straight_dir`. Both must succeed."""
+    with open(log, "w") as handle:
+        process = subprocess.Popen([str(c) for c in distill_command(*resumable)], env=env, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        poll_until(process, killed_dir, ready)
+        time.sleep(delay)
+        assert process.poll() is None, "the run ended before the planned kill"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert not (killed_dir / "summary.json").exists()
+    resumed = run(distill_command(*resumable, "--resume_from_checkpoint", "latest"), env)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    straight = run(distill_command(*common, "--output_dir", straight_dir), env)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+
+
 def latest_step(output_dir: Path) -> int:
     """Global step of the newest checkpoint-* folder (0 if none)."""
     folders = checkpoint_folders(output_dir)

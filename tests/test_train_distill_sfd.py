@@ -16,10 +16,8 @@ What is checked against what:
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ import torch
 from conftest import save_tiny_teacher
 from safetensors.torch import load_file
 from test_train_distill_robustness import (
-    UNET_WEIGHTS, checkpoint_folders, distill_command, max_abs_diff, poll_until, run, script_env, snapshot, unet_weights,
+    UNET_WEIGHTS, checkpoint_folders, distill_command, killed_then_resumed, max_abs_diff, run, script_env, unet_weights,
 )
 
 from diffusers_pd import Denoiser, ProgressiveDistillationPipeline, sfd_sample, student_grid
@@ -149,24 +147,8 @@ def test_sigkilled_sfd_run_resumes_to_the_same_students(teacher, tmp_path):
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     env = script_env(tmp_path / "hf_home")
     resumable = [*common, "--output_dir", out_b, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1]
-    delay = random.Random().uniform(0.0, 0.3)
-    with open(tmp_path / "b.log", "w") as log:
-        process = subprocess.Popen([str(c) for c in distill_command(*resumable)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        poll_until(process, out_b, lambda: any((p / "progress.json").is_file() for p in checkpoint_folders(out_b)))
-        time.sleep(delay)
-        assert process.poll() is None, "the run ended before the planned kill"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert not (out_b / "summary.json").exists()
-    resumed = run(distill_command(*resumable, "--resume_from_checkpoint", "latest"), env)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    straight = run(distill_command(*common, "--output_dir", out_a), env)
-    assert straight.returncode == 0, straight.stderr[-4000:]
+    killed_then_resumed(common, resumable, out_a, out_b, env, tmp_path / "b.log", delay=random.Random().uniform(0.0, 0.3),
+                        ready=lambda: any((p / "progress.json").is_file() for p in checkpoint_folders(out_b)))
     teacher_weights = load_file(teacher / UNET_WEIGHTS)
     for nfe in (3, 2, 1):
         a, b = unet_weights(out_a / f"student-{nfe}steps"), unet_weights(out_b / f"student-{nfe}steps")

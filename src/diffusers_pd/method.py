@@ -15,6 +15,8 @@ A method supplies only what differs, through the small interface below:
 | `learning_rate(stage, iteration)`             | the learning rate of that iteration                              |
 | `batch(stage, iteration, teacher, ctx)`       | a `Batch`: `num_updates` and `loss(student, update, micro)`      |
 | `finish_stage(stage, student)`                | (next teacher, [`FinishedStudent`, ...] to save)                 |
+| `resume_teacher(teacher, stage_index)`        | the teacher's architecture at that stage (to load a checkpoint)  |
+| `decode(samples)`                             | images of sampled latents (sample grids)                         |
 | `reference_sampler()`, `teacher_baseline(n)`  | samplers `(unet, latents) -> samples` for the fidelity columns   |
 | `state()`, `load_state(state)`                | what a checkpoint keeps beyond the weights                       |
 
@@ -68,7 +70,9 @@ class FinishedStudent:
         unet, scheduler: what is saved (any scheduler of the student's schedule and prediction type).
         sampler: `(unet, latents) -> samples`, how this student samples (fidelity column, samples.png).
         num_inference_steps: the steps of the stock folder's scheduler (None: `nfe`).
-        save_kwargs: further keyword arguments of `save_student` (metadata, grid).
+        save_kwargs: further keyword arguments of the saver (metadata, grid).
+        saver: `(folder, unet, num_inference_steps, **kwargs)` writing the stock folder; None: `export.save_student`
+            with `scheduler` (a DDPMPipeline folder).
     """
 
     nfe: int
@@ -77,6 +81,7 @@ class FinishedStudent:
     sampler: Callable
     num_inference_steps: Optional[int] = None
     save_kwargs: Dict[str, Any] = field(default_factory=dict)
+    saver: Optional[Callable] = None
 
     @property
     def folder_name(self) -> str:
@@ -86,6 +91,14 @@ class FinishedStudent:
     def stock_steps(self) -> int:
         """The step count the stock folder samples with."""
         return self.num_inference_steps or self.nfe
+
+    def save(self, folder, **kwargs) -> Dict[str, Any]:
+        """Write the student's stock folder atomically (its saver, else `save_student`); returns its metadata."""
+        if self.saver is not None:
+            return self.saver(folder, self.unet, self.stock_steps, **self.save_kwargs, **kwargs)
+        from .export import save_student
+
+        return save_student(folder, self.unet, self.scheduler, self.stock_steps, **self.save_kwargs, **kwargs)
 
 
 class Batch:
@@ -114,6 +127,10 @@ class DistillationMethod:
     def init_student(self, teacher: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         raise NotImplementedError
 
+    def resume_teacher(self, teacher: torch.nn.Module, stage_index: int) -> torch.nn.Module:
+        """A module of the architecture of stage `stage_index`'s teacher, to load a checkpoint into (default: as is)."""
+        return teacher
+
     def start_stage(self, stage: Stage, first_iteration: int, ctx: LoopContext) -> None:
         """Prepare the stage (default: nothing)."""
 
@@ -125,6 +142,10 @@ class DistillationMethod:
 
     def finish_stage(self, stage: Stage, student: torch.nn.Module) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
         raise NotImplementedError
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] of a sampler's output (default: the samples are images; latent models decode)."""
+        return samples
 
     def card_training(self, stage: Stage, global_batch: int) -> Dict[str, Any]:
         """The 'Training' rows of the stage's model cards."""

@@ -188,11 +188,13 @@ def sample_grid(unet: UNet2DModel, scheduler_config, num_steps: int, num_images:
 
 
 @torch.no_grad()
-def sampler_grid(unet: UNet2DModel, sampler: Callable, num_images: int, device=None):
-    """A PIL grid of `num_images` samples of `sampler(unet, latents)` from fixed noise (seed 0)."""
+def sampler_grid(unet: UNet2DModel, sampler: Callable, num_images: int, device=None, decode: Optional[Callable] = None):
+    """A PIL grid of `num_images` samples of `sampler(unet, latents)` from fixed noise (seed 0), `decode`d to images."""
     latents = initial_noise(unet, num_images, generator=torch.Generator().manual_seed(0)).to(device or unet.device)
     with evaluating(unet):
         samples = sampler(unet, latents)
+    if decode is not None:
+        samples = decode(samples)
     images = DiffusionPipeline.numpy_to_pil((samples / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy())
     rows = max(1, int(num_images**0.5))
     return image_grid(images[: rows * (num_images // rows)], cols=num_images // rows)

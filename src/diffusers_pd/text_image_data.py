@@ -174,7 +174,8 @@ def encode_text_image_dataset(
         latents.append((sample * vae.config.scaling_factor).cpu().float())
     index = {caption: i for i, caption in enumerate(distinct)}
     encoded = EncodedTextImageData(
-        latents=torch.cat(latents), caption_embeddings=caption_embeddings,
+        # standard (not channels_last) layout, as read back from the cache: a resumed run computes the same bits
+        latents=torch.cat(latents).contiguous(memory_format=torch.contiguous_format), caption_embeddings=caption_embeddings,
         caption_index=torch.tensor([index[caption] for caption in captions], dtype=torch.long), empty_embedding=empty_embedding,
     )
     if cache_path is not None:

@@ -1,0 +1,156 @@
+"""`examples/train_distill.py` on a Stable Diffusion teacher: guided distillation, then halvings (tiny, offline, CPU).
+
+Checked against independent references:
+* every student folder loads with `DiffusionPipeline.from_pretrained` in a process that never imports diffusers_pd,
+  as a StableDiffusionPipeline whose `pipe(prompt, num_inference_steps=N, guidance_scale=s)` makes exactly N UNet
+  calls of batch = prompts (the guidance embedding makes it skip the unconditional batch) and returns the latents of
+  the project's own DDIM over a `Denoiser` with the student's text embeddings and e(s - 1);
+* kill -9 and a rerun of the same command across the guided stage = the uninterrupted run (1e-6);
+* the teacher's encodings are cached in output_dir (one file);
+* bad input: one line, nothing written.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train_distill_robustness import (
+    checkpoint_folders, distill_command, killed_then_resumed, max_abs_diff, run, script_env, unet_weights,
+)
+from tiny_sd import save_tiny_sd_pipeline
+
+from diffusers_pd import Denoiser
+from diffusers_pd.grids import student_grid
+from diffusers_pd.guidance import guidance_timestep_cond
+from diffusers_pd.solvers import ddim_trajectory
+
+CAPTIONS = ["a photo of sneaker", "a bag", "a shirt", "a dress", "a photo of bag", "shirt", "a photo of dress", "sneaker"]
+TINY = ["--report_to", "none", "--num_grid_images", "1", "--seed", "3", "--num_validation_samples", "2",
+        "--train_batch_size", "4", "--guidance_scale_min", "1", "--guidance_scale_max", "3", "--guidance_embedding_dim", "8"]
+
+STOCK_SD = """
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+torch.set_grad_enabled(False)
+out = {}
+for folder, steps in json.loads(sys.argv[1]):
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, kwargs=None, output=None: calls.append(args[0].shape[0]))
+    latents = pipe(["a photo of bag", "a dress"], num_inference_steps=steps, guidance_scale=2.5, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    text, _ = pipe.encode_prompt(["a photo of bag", "a dress"], "cpu", 1, False)
+    np.savez(f"{folder}/stock.npz", latents=latents.numpy(), text=text.numpy(), calls=np.array(calls))
+    print(type(pipe).__name__, type(pipe.scheduler).__name__)
+assert "diffusers_pd" not in sys.modules
+"""
+
+
+@pytest.fixture(scope="module")
+def sd_teacher(tmp_path_factory) -> Path:
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("captions") / "data"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as handle:
+        for i, caption in enumerate(CAPTIONS):
+            Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            handle.write(json.dumps({"file_name": f"{i}.png", "text": caption}) + "\n")
+    return folder
+
+
+def test_guided_then_halved_students_run_in_stock_stable_diffusion_at_one_call_per_step(sd_teacher, captions, tmp_path):
+    out = tmp_path / "out"
+    result = run(distill_command(*TINY, "--teacher", sd_teacher, "--train_data_dir", captions, "--start_steps", 4,
+                                 "--end_steps", 2, "--iterations_per_stage", 3, "--guidance_iterations", 4,
+                                 "--output_dir", out), script_env(tmp_path / "hf_home"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "Guided distillation of" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["steps"] for row in summary] == [4, 2] and summary[0]["stage"].startswith("guided")
+    assert (out / "encoded_data.safetensors").is_file()
+
+    folders = [(str(out / "student-4steps"), 4), (str(out / "student-2steps"), 2)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    stock = subprocess.run([sys.executable, "-c", STOCK_SD, json.dumps(folders)], capture_output=True, text=True,
+                           env={**env, "OMP_NUM_THREADS": "1"})
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    assert stock.stdout.split()[0::2] == ["StableDiffusionPipeline"] * 2
+
+    from diffusers import DiffusionPipeline
+
+    for folder, steps in folders:
+        saved = np.load(f"{folder}/stock.npz")
+        assert list(saved["calls"]) == [2] * steps  # one UNet call of batch = prompts per step, at s = 2.5
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        info = pipe.scheduler.config["_diffusers_pd"]
+        assert (info["guidance_scale_min"], info["guidance_scale_max"]) == (1.0, 3.0)
+        assert "egative prompts are unsupported" in (Path(folder) / "README.md").read_text()
+        latents = pipe.prepare_latents(2, 4, 16, 16, torch.float32, "cpu", torch.Generator().manual_seed(0))
+        text = torch.from_numpy(saved["text"])
+        grid = student_grid(pipe.scheduler.config, steps, "trailing")
+        with torch.no_grad():
+            ours = ddim_trajectory(Denoiser(pipe.unet.eval(), pipe.scheduler.config), latents, grid, encoder_hidden_states=text,
+                                   timestep_cond=guidance_timestep_cond(2.5, 8, batch_size=2))[-1]
+        reference = torch.from_numpy(saved["latents"])
+        assert (ours - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), folder
+
+
+def test_sigkilled_guided_run_resumes_to_the_same_students(sd_teacher, captions, tmp_path):
+    common = [*TINY, "--teacher", sd_teacher, "--train_data_dir", captions, "--start_steps", 4, "--end_steps", 2,
+              "--iterations_per_stage", 4, "--guidance_iterations", 4]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    env = script_env(tmp_path / "hf_home")
+    resumable = [*common, "--output_dir", out_b, "--checkpointing_steps", 3]
+    # killed after the stage-boundary checkpoint (update 4) or later: the teacher then has a guidance embedding
+    killed_then_resumed(common, resumable, out_a, out_b, env, tmp_path / "b.log",
+                        ready=lambda: any(int(p.name.split("-")[1]) >= 4 for p in checkpoint_folders(out_b)
+                                          if (p / "progress.json").is_file()))
+    for steps in (4, 2):
+        assert max_abs_diff(unet_weights(out_a / f"student-{steps}steps"), unet_weights(out_b / f"student-{steps}steps")) <= 1e-6
+
+
+BAD_INPUTS = {
+    "no_data": ([], r"Pass the teacher's image-caption data: --train_data_dir DIR"),
+    "reversed_scales": (["--train_data_dir", "{captions}", "--guidance_scale_min", "4", "--guidance_scale_max", "2"],
+                        r"--guidance_scale_min 4.0 exceeds --guidance_scale_max 2.0: swap them"),
+    "caption_column": (["--train_data_dir", "{captions}", "--caption_column", "prompt"], r"caption column 'prompt' not found"),
+    "resolution": (["--train_data_dir", "{captions}", "--resolution", "32"], r"--resolution 32 gives 16-pixel latents"),
+    "sfd": (["--method", "sfd"], r"--method sfd does not take text-to-image teachers yet"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_text_to_image_input_fails_once_clearly_before_writing_anything(case, sd_teacher, captions, tmp_path):
+    import re
+
+    extra, message = BAD_INPUTS[case]
+    extra = [arg.format(captions=captions) for arg in extra]
+    out = tmp_path / "out"
+    result = run(distill_command("--report_to", "none", "--teacher", sd_teacher, "--output_dir", out, *extra),
+                 script_env(tmp_path / "hf_home"))
+    errors = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert result.returncode != 0 and len(errors) == 1 and re.search(message, errors[0]), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_guidance_flags_with_an_unconditional_teacher_are_refused(tmp_path):
+    from conftest import save_tiny_teacher
+
+    teacher = save_tiny_teacher(tmp_path / "eps")
+    result = run(distill_command("--report_to", "none", "--teacher", teacher, "--dataset_name", "digits",
+                                 "--guidance_scale_max", "4", "--output_dir", tmp_path / "out"), script_env(tmp_path / "hf_home"))
+    assert result.returncode != 0 and "--guidance_scale_max is for text-to-image teachers" in result.stderr
+    assert not (tmp_path / "out").exists()
