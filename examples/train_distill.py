@@ -95,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     arguments.add_data_args(parser, resolution_help="None: the teacher's (the UNet's sample_size x the VAE's factor).")
     arguments.add_optimization_args(parser, learning_rate=None,
                                     learning_rate_help="None: 3e-4 for progressive, 5e-5 (the paper's) for sfd")
+    arguments.add_memory_args(parser)
     arguments.add_output_args(parser, output_dir="pd-output")
     args = parser.parse_args(argv)
     given = arguments.given_flags(parser, sys.argv[1:] if argv is None else argv)
@@ -130,6 +131,7 @@ from diffusers_pd.atomic import atomic_write_text  # noqa: E402
 from diffusers_pd.data import load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.guidance import check_guidance_range  # noqa: E402
 from diffusers_pd.guided import GuidedDistillation  # noqa: E402
+from diffusers_pd.lora import add_lora, fuse_lora  # noqa: E402
 from diffusers_pd.loading import is_text_to_image_pipeline, load_sd_teacher, load_teacher, public_name  # noqa: E402
 from diffusers_pd.method import DistillationMethod, FinishedStudent, LoopContext, Stage  # noqa: E402
 from diffusers_pd.pipeline import mean_squared_distance, sampler_grid  # noqa: E402
@@ -154,6 +156,7 @@ def validate(args):
     training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
                               leftovers=training.run_leftovers(args.logging_dir, "encoded_data.safetensors"))
     training.check_hub_args(args)
+    training.check_memory_args(args)
     if args.method == "progressive":
         stage_steps(args.start_steps, args.end_steps)
     names = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
@@ -388,10 +391,13 @@ def distill(args, argv) -> dict:
 
         # 4. a new student (the teacher's copy); a fresh optimizer every stage (as the reference code)
         student = method.init_student(teacher, stage)
+        if args.lora_rank:  # adapters on the attention projections; layers the method added train whole
+            added = set(dict(student.named_parameters())) - set(dict(teacher.named_parameters()))
+            student = add_lora(student, args.lora_rank, alpha=args.lora_alpha, trainable=added)
+        teacher.to(training.weight_dtype(accelerator.mixed_precision))  # frozen; the student keeps fp32 master weights
         if args.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        optimizer = torch.optim.Adam(student.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                     weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        optimizer = training.make_optimizer(student.parameters(), args)
         ema = EMAModel(student.parameters(), decay=args.ema_decay) if args.ema_decay else None
         if resume_step:
             training.load_checkpoint(accelerator, checkpoint, {"student": student}, optimizer, ema)
@@ -451,6 +457,8 @@ def distill(args, argv) -> dict:
         student = accelerator.unwrap_model(student)
         if ema is not None:
             ema.copy_to(student.parameters())
+        if args.lora_rank:
+            student = fuse_lora(student)  # a plain diffusers UNet again: the next teacher, the saved student
         row = {"stage": stage.name, "iterations": stage.iterations, "updates": updates, "global_batch": global_batch,
                "time_s": round(time.time() - stage_start, 1), "peak_memory_mib": training.peak_memory_mib(device),
                "first_loss": training.mean_or_nan(losses[:10]), "final_loss": training.mean_or_nan(losses[-10:])}

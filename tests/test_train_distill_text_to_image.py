@@ -122,6 +122,21 @@ def test_sigkilled_guided_run_resumes_to_the_same_students(sd_teacher, captions,
         assert max_abs_diff(unet_weights(out_a / f"student-{steps}steps"), unet_weights(out_b / f"student-{steps}steps")) <= 1e-6
 
 
+def test_lora_students_are_plain_unets_changed_only_in_attention_and_the_guidance_input(sd_teacher, captions, tmp_path):
+    out = tmp_path / "out"
+    result = run(distill_command(*TINY, "--teacher", sd_teacher, "--train_data_dir", captions, "--start_steps", 4,
+                                 "--end_steps", 2, "--iterations_per_stage", 2, "--guidance_iterations", 2, "--lora_rank", 2,
+                                 "--output_dir", out), script_env(tmp_path / "hf_home"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    teacher = unet_weights(sd_teacher)
+    for steps in (4, 2):
+        student = unet_weights(out / f"student-{steps}steps")
+        assert set(student) == set(teacher) | {"time_embedding.cond_proj.weight"}  # fused: no adapter left
+        changed = {k for k in teacher if not torch.equal(student[k], teacher[k])}
+        assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out")) for k in changed), changed
+        assert student["time_embedding.cond_proj.weight"].abs().max() > 0  # the guidance input trained whole
+
+
 BAD_INPUTS = {
     "no_data": ([], r"Pass the teacher's image-caption data: --train_data_dir DIR"),
     "reversed_scales": (["--train_data_dir", "{captions}", "--guidance_scale_min", "4", "--guidance_scale_max", "2"],

@@ -53,6 +53,17 @@ def add_optimization_args(
     group.add_argument("--seed", type=int, default=0, help="Seed of every random draw (data order, noise, timesteps).")
 
 
+def add_memory_args(parser: argparse.ArgumentParser) -> None:
+    """Memory and speed options for large students, named as in diffusers' train_text_to_image(_lora).py."""
+    group = parser.add_argument_group("memory and speed")
+    group.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit Adam (needs `pip install bitsandbytes`).")
+    group.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs (faster, less exact).")
+    group.add_argument("--lora_rank", type=int, default=None,
+                       help="Train LoRA adapters of this rank on the attention projections instead of the whole student "
+                       "(fused into the weights at each stage's end; needs peft); None: the whole student.")
+    group.add_argument("--lora_alpha", type=float, default=None, help="LoRA scale numerator; None: the rank.")
+
+
 def add_output_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     """Output, logging, checkpointing and Hub arguments."""
     group = parser.add_argument_group("output")

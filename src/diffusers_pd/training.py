@@ -109,6 +109,9 @@ def make_accelerator(args: argparse.Namespace, project_name: str):
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
     check_process_count(accelerator.num_processes)  # e.g. torchrun on CPU without ACCELERATE_USE_CPU
+    if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -138,6 +141,35 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Optional[str], le
             f"--output_dir {output_dir} exists and is not empty: pass --resume_from_checkpoint latest to continue it, "
             "--overwrite_output_dir to write into it anyway, or another --output_dir."
         )
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype a frozen model runs in under accelerate's `mixed_precision` ("fp16", "bf16"; else float32)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def check_memory_args(args: argparse.Namespace) -> None:
+    """One-line errors for memory options whose package is missing (before any work)."""
+    import importlib.util
+
+    if getattr(args, "use_8bit_adam", False) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or drop the flag.")
+    if getattr(args, "lora_rank", None) is not None:
+        if args.lora_rank < 1:
+            raise ValueError(f"--lora_rank {args.lora_rank}: a LoRA rank is at least 1.")
+        if importlib.util.find_spec("peft") is None:
+            raise ValueError("--lora_rank needs peft: `pip install peft`, or drop the flag.")
+
+
+def make_optimizer(parameters, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """Adam (or bitsandbytes' 8-bit Adam with --use_8bit_adam) over the parameters that require grad."""
+    cls = torch.optim.Adam
+    if getattr(args, "use_8bit_adam", False):
+        import bitsandbytes
+
+        cls = bitsandbytes.optim.Adam8bit
+    return cls([p for p in parameters if p.requires_grad], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
 def launched_process_count() -> int:
