@@ -23,8 +23,9 @@ setup(
         "scikit-learn>=1.3",  # the offline `digits` data set
     ],
     extras_require={
-        "test": ["pytest>=7", "scikit-learn>=1.3", "tensorboard", "matplotlib>=3.7", "torchmetrics>=1.3", "scipy"],
+        "test": ["pytest>=7", "scikit-learn>=1.3", "tensorboard", "matplotlib>=3.7", "torchmetrics>=1.3", "scipy", "peft>=0.10"],
         "eval": ["torchmetrics>=1.3", "matplotlib>=3.7", "scipy"],
+        "lora": ["peft>=0.10"],
     },
     license="Apache-2.0",
 )

@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "examples").glob("*.py"))
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 # Imported only when a user picks them (`--report_to tensorboard / wandb`): not required by any script.
-CHOSEN_BY_FLAG = {"tensorboard", "wandb"}
+CHOSEN_BY_FLAG = {"tensorboard", "wandb", "peft", "bitsandbytes"}  # --report_to, --lora_rank, --use_8bit_adam
 # Heavy or optional: `--help` must answer without any of them.
 BLOCKED = ("torch", "diffusers", "accelerate", "transformers", "datasets", "huggingface_hub", "safetensors", "numpy",
-           "matplotlib", "torchmetrics", "scipy", "tensorboard", "PIL", "sklearn", "tqdm")
+           "matplotlib", "torchmetrics", "scipy", "tensorboard", "PIL", "sklearn", "tqdm", "peft")
 
 HELP_WITHOUT = """
 import runpy, sys
