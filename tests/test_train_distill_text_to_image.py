@@ -137,6 +137,26 @@ def test_lora_students_are_plain_unets_changed_only_in_attention_and_the_guidanc
         assert student["time_embedding.cond_proj.weight"].abs().max() > 0  # the guidance input trained whole
 
 
+def test_two_cpu_processes_train_the_same_guided_students_as_one_with_the_global_batch(sd_teacher, captions, tmp_path):
+    # Adam's eps=1 makes its updates linear in the gradient (see the progressive-distillation test of the same name).
+    common = [*TINY, "--teacher", sd_teacher, "--train_data_dir", captions, "--start_steps", 4, "--end_steps", 2,
+              "--iterations_per_stage", 2, "--guidance_iterations", 2, "--adam_epsilon", 1, "--learning_rate", 0.1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    env = script_env(tmp_path / "hf_home", GLOO_SOCKET_IFNAME="lo")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    multi = run([*torchrun, *distill_command(*common, "--train_batch_size", 2, "--output_dir", two)[1:]],
+                {**env, "ACCELERATE_USE_CPU": "1"})
+    assert multi.returncode == 0, multi.stderr[-4000:]
+    single = run(distill_command(*common, "--train_batch_size", 4, "--output_dir", one), env)
+    assert single.returncode == 0, single.stderr[-4000:]
+    teacher = unet_weights(sd_teacher)
+    for steps in (4, 2):
+        a, b = unet_weights(one / f"student-{steps}steps"), unet_weights(two / f"student-{steps}steps")
+        difference = torch.cat([(a[k] - b[k]).flatten() for k in a])
+        change = torch.cat([(a[k] - teacher[k] if k in teacher else a[k]).flatten() for k in a])
+        assert difference.abs().max() <= 1e-6 and difference.norm() <= 1e-4 * change.norm(), steps
+
+
 BAD_INPUTS = {
     "no_data": ([], r"Pass the teacher's image-caption data: --train_data_dir DIR"),
     "reversed_scales": (["--train_data_dir", "{captions}", "--guidance_scale_min", "4", "--guidance_scale_max", "2"],
