@@ -30,8 +30,8 @@ REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "cache_dir", "resolution",
               "center_crop", "random_flip", "dataloader_num_workers")
 PD_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "prediction_type", *DATA_FLAGS)
-TEXT_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "guidance_embedding_dim", "caption_column",
-              "proportion_empty_prompts")
+GUIDANCE_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "label_column", "null_class")
+TEXT_FLAGS = ("guidance_embedding_dim", "caption_column", "proportion_empty_prompts")
 SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "num_trajectories", "grid", "second_stage",
              "second_stage_trajectories", "second_stage_learning_rate")
 DEFAULT_LEARNING_RATE = {"progressive": 3e-4, "sfd": 5e-5}
@@ -80,13 +80,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--second_stage_trajectories", type=int, default=None,
                        help="The second stage's budget; None: --num_trajectories.")
     group.add_argument("--second_stage_learning_rate", type=float, default=5e-4, help="The second stage's learning rate.")
-    group = parser.add_argument_group("text-to-image teachers (a Stable Diffusion pipeline as --teacher)")
+    group = parser.add_argument_group("conditional teachers (a Stable Diffusion pipeline, or a UNet2DModel with num_class_embeds)")
     group.add_argument("--guidance_scale_min", type=float, default=1.0,
                        help="Smallest classifier-free guidance scale s the students learn (diffusers' scale; 1 = none).")
     group.add_argument("--guidance_scale_max", type=float, default=5.0, help="Largest guidance scale s the students learn.")
     group.add_argument("--guidance_iterations", type=int, default=None,
                        help="Updates of the guided stage (the student learns the teacher's guided output); None: "
                        "--iterations_per_stage.")
+    group.add_argument("--label_column", type=str, default="label", help="Column holding a class-conditional teacher's labels.")
+    group.add_argument("--null_class", type=int, default=None,
+                       help="A class-conditional teacher's unconditional label (for guidance); None: its last class embedding.")
     group.add_argument("--guidance_embedding_dim", type=int, default=256,
                        help="Size of the students' guidance embedding (`time_cond_proj_dim`).")
     group.add_argument("--caption_column", type=str, default="text", help="Column holding the captions.")
@@ -99,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     arguments.add_output_args(parser, output_dir="pd-output")
     args = parser.parse_args(argv)
     given = arguments.given_flags(parser, sys.argv[1:] if argv is None else argv)
-    foreign = [name for name in (SFD_FLAGS if args.method == "progressive" else PD_FLAGS + TEXT_FLAGS) if name in given]
+    foreign = [name for name in (SFD_FLAGS if args.method == "progressive" else PD_FLAGS + GUIDANCE_FLAGS + TEXT_FLAGS) if name in given]
     args.given = given
     if foreign:
         other = "sfd" if args.method == "progressive" else "progressive"
@@ -126,10 +129,11 @@ from accelerate.utils import set_seed  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from diffusers_pd import ProgressiveDistillationScheduler, interrupt, training  # noqa: E402
+from diffusers_pd import ProgressiveDistillationScheduler, checkpoints, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_text  # noqa: E402
 from diffusers_pd.data import load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.guidance import check_guidance_range  # noqa: E402
+from diffusers_pd.conditioning import ClassConditioning, TextConditioning  # noqa: E402
 from diffusers_pd.guided import GuidedDistillation  # noqa: E402
 from diffusers_pd.lora import add_lora, fuse_lora  # noqa: E402
 from diffusers_pd.loading import is_text_to_image_pipeline, load_sd_teacher, load_teacher, public_name  # noqa: E402
@@ -153,8 +157,8 @@ SUMMARY_NOTE = (
 
 def validate(args):
     """Every check that can fail, before anything is written: returns (teacher unet, its scheduler config, dataset)."""
-    training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
-                              leftovers=training.run_leftovers(args.logging_dir, "encoded_data.safetensors"))
+    checkpoints.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
+                              leftovers=checkpoints.run_leftovers(args.logging_dir, "encoded_data.safetensors"))
     training.check_hub_args(args)
     training.check_memory_args(args)
     if args.method == "progressive":
@@ -174,6 +178,12 @@ def validate(args):
     if text_only:
         raise ValueError(f"--{text_only[0]} is for text-to-image teachers: {args.teacher} is no Stable Diffusion pipeline.")
     teacher, scheduler_config = load_teacher(args.teacher, args.teacher_scheduler, args.teacher_revision)
+    if teacher.config.num_class_embeds is not None:
+        return validate_class_conditional(args, teacher, dict(scheduler_config))
+    guidance_only = [name for name in GUIDANCE_FLAGS if name in args.given]
+    if guidance_only:
+        raise ValueError(f"--{guidance_only[0]} is for conditional teachers: {args.teacher} is an unconditional UNet2DModel "
+                         "(no num_class_embeds, no text encoder).")
     if args.method == "progressive" and args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Pass the teacher's training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or --train_data_dir DIR.")
     if teacher.config.out_channels != teacher.config.in_channels:
@@ -234,6 +244,38 @@ def validate_text_to_image(args):
     return unet, dict(scheduler_config), (components, dataset, image_column, caption_column)
 
 
+def validate_class_conditional(args, teacher, scheduler_config):
+    """The checks of a class-conditional UNet2DModel teacher: returns (teacher, config, ClassConditioning of its data)."""
+    if args.method == "sfd":
+        raise ValueError("--method sfd does not take class-conditional teachers yet: use --method progressive (guided distillation).")
+    if teacher.config.class_embed_type is not None:
+        raise ValueError(f"The teacher's class_embed_type is {teacher.config.class_embed_type!r}: only integer labels "
+                         "(num_class_embeds, class_embed_type None) are supported.")
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise ValueError("Pass the teacher's labelled training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or "
+                         "--train_data_dir DIR, with --label_column.")
+    check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
+    ProgressiveDistillationScheduler.from_config(scheduler_config)
+    stage_steps(args.start_steps, args.end_steps)
+    sample_size = teacher.config.sample_size
+    args.resolution = args.resolution or sample_size
+    if args.resolution != sample_size:
+        raise ValueError(f"--resolution {args.resolution} differs from the teacher's sample_size {sample_size}: drop it or pass {sample_size}.")
+    dataset, image_column = load_image_dataset(
+        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split, args.image_column, args.cache_dir)
+    if args.label_column not in dataset.column_names:
+        raise ValueError(f"label column {args.label_column!r} not found; columns are {dataset.column_names}: pass the "
+                         "classes' column with `--label_column`.")
+    validate_image_dataset(dataset, image_column, teacher.config.in_channels, args.resolution)
+    labels = torch.tensor(dataset[args.label_column])
+    dataset.set_transform(preprocess_batch_fn(image_column, args.resolution, teacher.config.in_channels, args.center_crop,
+                                              random_flip=False))
+    images = torch.cat([torch.stack(dataset[i:i + 1000]["pixel_values"]) for i in range(0, len(dataset), 1000)])
+    conditioning = ClassConditioning(images.float().contiguous(), labels, num_class_embeds=teacher.config.num_class_embeds,
+                                     null_class=args.null_class)
+    return teacher, scheduler_config, conditioning
+
+
 def encode_data(args, data, accelerator):
     """The teacher's encodings of the image-caption pairs, cached in output_dir (computed once, read on resume)."""
     components, dataset, image_column, caption_column = data
@@ -247,15 +289,16 @@ def encode_data(args, data, accelerator):
 
 def make_method(args, scheduler_config, dataset, teacher, num_processes: int) -> DistillationMethod:
     """The distillation method of `--method`, from the arguments (raises ValueError on a bad combination)."""
-    if isinstance(dataset, tuple):  # a text-to-image teacher: guided distillation, then halvings
+    if isinstance(dataset, tuple):  # a text-to-image teacher's encodings
         components, data = dataset
-        prompts = data.caption_embeddings[data.caption_index[: min(4, len(data))]]
+        dataset = TextConditioning(components, data, embedding_dim=args.guidance_embedding_dim,
+                                   proportion_empty_prompts=args.proportion_empty_prompts)
+    if isinstance(dataset, (TextConditioning, ClassConditioning)):  # guided distillation, then halvings
         return GuidedDistillation(
-            components, scheduler_config, data, prompts, guidance_scale_min=args.guidance_scale_min,
-            guidance_scale_max=args.guidance_scale_max, guidance_iterations=args.guidance_iterations or args.iterations_per_stage,
+            dataset, scheduler_config, guidance_scale_min=args.guidance_scale_min, guidance_scale_max=args.guidance_scale_max,
+            guidance_iterations=args.guidance_iterations or args.iterations_per_stage,
             iterations_per_stage=args.iterations_per_stage, start_steps=args.start_steps, end_steps=args.end_steps,
             prediction_type=args.prediction_type, loss_weighting=args.loss_weighting, learning_rate=args.learning_rate,
-            embedding_dim=args.guidance_embedding_dim, proportion_empty_prompts=args.proportion_empty_prompts,
         )
     sample_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     if args.method == "progressive":
@@ -336,7 +379,7 @@ def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return distill(parse_args(argv), argv)
-    except training.NonFiniteLossError as error:  # every process sees the same reduced loss, so all stop here
+    except checkpoints.NonFiniteLossError as error:  # every process sees the same reduced loss, so all stop here
         sys.exit(f"error: {error}")
 
 
@@ -350,20 +393,23 @@ def distill(args, argv) -> dict:
                              "raise --train_batch_size or use more processes instead.")
         text_to_image = isinstance(dataset, tuple)
         if not text_to_image:
-            method = make_method(args, scheduler_config, dataset, teacher, training.launched_process_count())
+            method = make_method(args, scheduler_config, dataset, teacher, launch.launched_process_count())
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     output_dir = Path(args.output_dir)
 
     # 2. accelerate, trackers, logging
     try:
-        accelerator = training.make_accelerator(args, "train_distill")
+        accelerator = launch.make_accelerator(args, "train_distill")
     except ValueError as error:
         sys.exit(f"error: {error}")
     device = accelerator.device
     set_seed(args.seed)  # dropout and anything else on the global RNGs (restored from a checkpoint on resume)
     if text_to_image:  # the teacher encodes its training pairs once (latents, text embeddings), cached in output_dir
-        method = make_method(args, scheduler_config, encode_data(args, dataset, accelerator), teacher, accelerator.num_processes)
+        try:
+            method = make_method(args, scheduler_config, encode_data(args, dataset, accelerator), teacher, accelerator.num_processes)
+        except ValueError as error:  # e.g. an image without a caption, found while encoding
+            sys.exit(f"error: {error}")
 
     # 3. resume: which stage, which iteration, the teacher of that stage
     stages = method.stages()
@@ -371,13 +417,13 @@ def distill(args, argv) -> dict:
     progress = {"stage": 0, "step": 0, "global_step": 0, "history": []}
     # the original teacher's reference samples (the target of every stage) and its DDIM at each N, on fixed noise
     validation = validation_references(teacher.to(device).eval(), method, args) if accelerator.is_main_process else None
-    checkpoint = training.find_checkpoint(output_dir, args.resume_from_checkpoint)
+    checkpoint = checkpoints.find_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
-        progress = training.read_progress(checkpoint)
+        progress = checkpoints.read_progress(checkpoint)
         if progress.get("stages") != stage_names:
             sys.exit(f"error: {checkpoint} was made for stages {progress.get('stages')}, these arguments give {stage_names}.")
         teacher = method.resume_teacher(teacher, progress["stage"])
-        training.load_checkpoint(accelerator, checkpoint, {"teacher": teacher})
+        checkpoints.load_checkpoint(accelerator, checkpoint, {"teacher": teacher})
         method.load_state(progress)
         logger.info(f"Resuming from {checkpoint}: stage {progress['stage'] + 1}/{len(stages)}, iteration {progress['step']}")
     teacher.to(device).eval().requires_grad_(False)
@@ -394,13 +440,13 @@ def distill(args, argv) -> dict:
         if args.lora_rank:  # adapters on the attention projections; layers the method added train whole
             added = set(dict(student.named_parameters())) - set(dict(teacher.named_parameters()))
             student = add_lora(student, args.lora_rank, alpha=args.lora_alpha, trainable=added)
-        teacher.to(training.weight_dtype(accelerator.mixed_precision))  # frozen; the student keeps fp32 master weights
+        teacher.to(launch.weight_dtype(accelerator.mixed_precision))  # frozen; the student keeps fp32 master weights
         if args.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         optimizer = training.make_optimizer(student.parameters(), args)
         ema = EMAModel(student.parameters(), decay=args.ema_decay) if args.ema_decay else None
         if resume_step:
-            training.load_checkpoint(accelerator, checkpoint, {"student": student}, optimizer, ema)
+            checkpoints.load_checkpoint(accelerator, checkpoint, {"student": student}, optimizer, ema)
         if ema is not None:
             ema.to(device)
         student, optimizer = accelerator.prepare(student, optimizer)
@@ -412,7 +458,7 @@ def distill(args, argv) -> dict:
         stage_start = time.time() - (progress.get("stage_time_s", 0.0) if resumed else 0.0)
         losses = list(progress.get("stage_losses", [])) if resumed else []
         updates = progress.get("stage_updates", 0) if resumed else 0
-        training.reset_peak_memory(device)
+        launch.reset_peak_memory(device)
 
         # 5. the iterations of this stage: each a global batch, one or more optimizer updates
         for step in range(resume_step, stage.iterations):
@@ -423,7 +469,7 @@ def distill(args, argv) -> dict:
                 for micro in range(args.gradient_accumulation_steps):
                     with accelerator.accumulate(student), accelerator.autocast():
                         loss = batch.loss(student, update, micro).mean()
-                        training.check_finite(accelerator.reduce(loss.detach(), "sum"), progress["global_step"] + 1, output_dir)
+                        checkpoints.check_finite(accelerator.reduce(loss.detach(), "sum"), progress["global_step"] + 1, output_dir)
                         accelerator.backward(loss)
                         if accelerator.sync_gradients and args.max_grad_norm > 0:
                             accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
@@ -441,7 +487,7 @@ def distill(args, argv) -> dict:
             if step + 1 < stage.iterations:  # (the stage's last iteration ends in the stage-boundary checkpoint)
                 signum = stop.requested(accelerator)
                 if progress["global_step"] % args.checkpointing_steps == 0 or signum:
-                    saved = training.save_checkpoint(
+                    saved = checkpoints.save_checkpoint(
                         accelerator, output_dir, progress["global_step"],
                         {**progress, "stage": stage.index, "step": step + 1, "stages": stage_names, **method.state(),
                          "stage_time_s": time.time() - stage_start, "stage_losses": training.first_and_last(losses),
@@ -460,14 +506,14 @@ def distill(args, argv) -> dict:
         if args.lora_rank:
             student = fuse_lora(student)  # a plain diffusers UNet again: the next teacher, the saved student
         row = {"stage": stage.name, "iterations": stage.iterations, "updates": updates, "global_batch": global_batch,
-               "time_s": round(time.time() - stage_start, 1), "peak_memory_mib": training.peak_memory_mib(device),
+               "time_s": round(time.time() - stage_start, 1), "peak_memory_mib": launch.peak_memory_mib(device),
                "first_loss": training.mean_or_nan(losses[:10]), "final_loss": training.mean_or_nan(losses[-10:])}
         teacher, finished = method.finish_stage(stage, student.eval().requires_grad_(False))
         for done in finished:
             history.append(finish_student(done, stage, row, validation, accelerator, method, args, progress["global_step"]))
         progress.update(stage=stage.index + 1, step=0, history=history, stage_time_s=0.0, stage_losses=[], stage_updates=0)
         if stage.index + 1 < len(stages):  # a stage boundary is a checkpoint: the next stage needs only its teacher
-            saved = training.save_checkpoint(accelerator, output_dir, progress["global_step"],
+            saved = checkpoints.save_checkpoint(accelerator, output_dir, progress["global_step"],
                                              {**progress, "stages": stage_names, **method.state()}, {"teacher": teacher},
                                              total_limit=args.checkpoints_total_limit)
             signum = stop.requested(accelerator)

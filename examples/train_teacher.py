@@ -80,7 +80,7 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 from huggingface_hub import ModelCard  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from diffusers_pd import ProgressiveDistillationScheduler, __version__, cosine_trained_betas, interrupt, training  # noqa: E402
+from diffusers_pd import ProgressiveDistillationScheduler, __version__, checkpoints, cosine_trained_betas, data, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.export import card_front_matter, ddim_scheduler, save_pipeline_folder  # noqa: E402
@@ -141,8 +141,8 @@ def check_arguments(args) -> None:
         raise ValueError(
             f"--num_inference_steps {args.num_inference_steps} exceeds --num_train_timesteps {args.num_train_timesteps}."
         )
-    training.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
-                              leftovers=training.run_leftovers(args.logging_dir, "metrics.jsonl", "samples"))
+    checkpoints.check_output_dir(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint,
+                              leftovers=checkpoints.run_leftovers(args.logging_dir, "metrics.jsonl", "samples"))
     training.check_hub_args(args)
     teacher_dir = Path(args.teacher_dir or Path(args.output_dir) / "teacher")
     if args.teacher_dir and teacher_dir.is_dir() and any(teacher_dir.iterdir()):
@@ -201,9 +201,9 @@ def validate(args):
     dataset.set_transform(transform)
 
     # the checkpoint to resume, made by a run with the same model and diffusion
-    checkpoint = training.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    checkpoint = checkpoints.find_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
-        made_by = training.read_progress(checkpoint).get("run")
+        made_by = checkpoints.read_progress(checkpoint).get("run")
         if made_by != run_signature(unet, args):
             raise ValueError(f"{checkpoint} was made with another model or diffusion: pass the arguments of that run.")
     return unet, dataset, checkpoint
@@ -292,13 +292,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return train(parse_args(argv), argv)
-    except training.NonFiniteLossError as error:  # every process sees the same gathered loss, so all stop here
+    except checkpoints.NonFiniteLossError as error:  # every process sees the same gathered loss, so all stop here
         sys.exit(f"error: {error}")
 
 
 def train(args, argv) -> int:
     """Validate, train, save (and push) the teacher; returns the exit status."""
-    set_seed(args.seed)  # the initial weights (and dropout); every other draw comes from training.step_generator
+    set_seed(args.seed)  # the initial weights (and dropout); every other draw comes from data.step_generator
     # 1. check every input before writing anything
     try:
         unet, dataset, checkpoint = validate(args)
@@ -309,7 +309,7 @@ def train(args, argv) -> int:
 
     # 2. accelerate, trackers, logging
     try:
-        accelerator = training.make_accelerator(args, "train_teacher")
+        accelerator = launch.make_accelerator(args, "train_teacher")
     except ValueError as error:
         sys.exit(f"error: {error}")
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -329,8 +329,8 @@ def train(args, argv) -> int:
     ema = EMAModel(unet.parameters(), decay=args.ema_decay) if args.ema_decay else None
     progress = {"global_step": 0, "images_seen": 0, "train_time_s": 0.0, "run": run_signature(unet, args)}
     if checkpoint is not None:
-        progress = training.read_progress(checkpoint)
-        training.load_checkpoint(accelerator, checkpoint, {"unet": unet}, optimizer, ema)
+        progress = checkpoints.read_progress(checkpoint)
+        checkpoints.load_checkpoint(accelerator, checkpoint, {"unet": unet}, optimizer, ema)
         logger.info(f"Resuming from {checkpoint} at update {progress['global_step']}", main_process_only=True)
     if ema is not None:
         ema.to(device)
@@ -339,7 +339,7 @@ def train(args, argv) -> int:
 
     # 4. the data stream, from the exact micro-batch where training stopped
     accumulation = args.gradient_accumulation_steps
-    sampler = training.GlobalBatchSampler(len(dataset), args.train_batch_size, rank, world, args.seed,
+    sampler = data.GlobalBatchSampler(len(dataset), args.train_batch_size, rank, world, args.seed,
                                           start=progress["global_step"] * accumulation)
     # (its own generator: creating the iterator must not draw from the global RNG that a checkpoint restores)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
@@ -363,17 +363,17 @@ def train(args, argv) -> int:
         training.set_lr(optimizer, lr)
         update_loss = 0.0
         for micro in range(accumulation):
-            generator = training.step_generator(args.seed, step * accumulation + micro)
+            generator = data.step_generator(args.seed, step * accumulation + micro)
             noise, timesteps = draw_noise_and_grid_indices(shape, args.num_train_timesteps, generator)
             flips = torch.rand(micro_batch, generator=generator) < 0.5
             images = next(batches)["pixel_values"].to(device)
             if args.random_flip:
-                images = training.random_flips(images, training.rank_slice(flips, rank, args.train_batch_size))
+                images = data.random_flips(images, data.rank_slice(flips, rank, args.train_batch_size))
             with accelerator.accumulate(unet):
-                loss = loss_fn(RawOutput(unet), images, training.rank_slice(noise, rank, args.train_batch_size).to(device),
-                               training.rank_slice(timesteps, rank, args.train_batch_size)).mean()
+                loss = loss_fn(RawOutput(unet), images, data.rank_slice(noise, rank, args.train_batch_size).to(device),
+                               data.rank_slice(timesteps, rank, args.train_batch_size)).mean()
                 global_loss = accelerator.gather(loss.detach()).mean()
-                training.check_finite(global_loss, step + 1, output_dir)
+                checkpoints.check_finite(global_loss, step + 1, output_dir)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -406,7 +406,7 @@ def train(args, argv) -> int:
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps or signum:
             progress["train_time_s"] += time.time() - session_start
             session_start = time.time()
-            saved = training.save_checkpoint(accelerator, output_dir, global_step, progress, {"unet": unet}, optimizer,
+            saved = checkpoints.save_checkpoint(accelerator, output_dir, global_step, progress, {"unet": unet}, optimizer,
                                              ema, args.checkpoints_total_limit)
         if signum:
             bar.close()

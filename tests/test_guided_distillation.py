@@ -7,7 +7,6 @@ from tiny_sd import SD_SCHEDULER, TEXT_DIM, tiny_cond_unet
 from diffusers_pd.denoiser import Denoiser
 from diffusers_pd.guidance import add_guidance_embedding, guidance_scale_embedding
 from diffusers_pd.guided_distillation import GuidedDistillationLoss, draw_guided_batch, uniform_guidance_scales
-from diffusers_pd.parameterization import loss_weight
 from diffusers_pd.schedules import alphas_cumprod_from_config
 
 DIM = 8

@@ -419,7 +419,7 @@ def test_non_finite_loss_stops_with_the_update_and_keeps_the_last_checkpoint(tea
 
 def test_resume_sweeps_temp_folders_of_a_killed_run(tmp_path):
     """Hidden temp folders left by a kill (`.checkpoint-N.tmp`, `.X.deleting`, `.student-*.tmp-*`) are removed."""
-    from diffusers_pd.training import sweep_leftovers
+    from diffusers_pd.checkpoints import sweep_leftovers
 
     for name in (".checkpoint-4.tmp", ".checkpoint-2.deleting", ".student-4steps.tmp-abc", "checkpoint-6", ".keep"):
         (tmp_path / name).mkdir()
@@ -482,7 +482,7 @@ def test_push_to_hub_is_checked_before_any_work(teachers, tmp_path):
 
 
 def test_a_folder_stopped_before_its_first_checkpoint_counts_as_empty(tmp_path, caplog):
-    from diffusers_pd.training import check_output_dir, find_checkpoint, run_leftovers
+    from diffusers_pd.checkpoints import check_output_dir, find_checkpoint, run_leftovers
 
     (tmp_path / "logs" / "train_distill").mkdir(parents=True)
     (tmp_path / ".checkpoint-5.tmp").mkdir()

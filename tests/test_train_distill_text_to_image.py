@@ -187,5 +187,5 @@ def test_guidance_flags_with_an_unconditional_teacher_are_refused(tmp_path):
     teacher = save_tiny_teacher(tmp_path / "eps")
     result = run(distill_command("--report_to", "none", "--teacher", teacher, "--dataset_name", "digits",
                                  "--guidance_scale_max", "4", "--output_dir", tmp_path / "out"), script_env(tmp_path / "hf_home"))
-    assert result.returncode != 0 and "--guidance_scale_max is for text-to-image teachers" in result.stderr
+    assert result.returncode != 0 and "--guidance_scale_max is for conditional teachers" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from conftest import signal_mid_run
 
-from diffusers_pd import ProgressiveDistillationPipeline, cosine_trained_betas, training
+from diffusers_pd import ProgressiveDistillationPipeline, checkpoints, cosine_trained_betas, training
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_standin import run_standin  # noqa: E402
@@ -268,7 +268,7 @@ def test_diverging_run_stops_with_one_line_and_keeps_only_finite_checkpoints(tmp
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "NaN or inf" in result.stderr or "Loss is nan" in result.stderr or "Loss is inf" in result.stderr
     assert not (tmp_path / "teacher").exists()
-    for checkpoint in training.list_checkpoints(tmp_path):
+    for checkpoint in checkpoints.list_checkpoints(tmp_path):
         assert all(torch.isfinite(v).all() for v in load_file(checkpoint / "unet.safetensors").values())
 
 
@@ -331,7 +331,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_ends_with_the_same_teach
     assert len(found) == 1, text[-3000:]
     update, checkpoint, command = int(found[0][0]), Path(found[0][1]), found[0][2]
     assert checkpoint == stopped / f"checkpoint-{update}" and 0 < update < 60
-    assert [p.name for p in training.list_checkpoints(stopped)] == [checkpoint.name]
+    assert [p.name for p in checkpoints.list_checkpoints(stopped)] == [checkpoint.name]
     assert not (stopped / "teacher").exists()
     assert command == shlex.join(["python", "examples/train_teacher.py", *common, "--output_dir", str(stopped),
                                   "--resume_from_checkpoint", "latest"])

@@ -12,7 +12,7 @@ Notation:
 import gzip
 import os
 import random
-from typing import Optional
+from typing import Iterator, List, Optional
 
 import datasets
 import numpy as np
@@ -284,3 +284,57 @@ def validate_image_dataset(dataset: datasets.Dataset, image_column: str, num_cha
         raise ValueError(message) from error
     if not torch.isfinite(pixels).all():
         raise ValueError(f"first image of column {image_column!r} (mode {value.mode}) gives non-finite pixel values")
+
+
+# ----------------------------------------------------------------------------------------------- batches of a run
+# Every random draw of update s (which images, their flips, the noise, the timesteps) is a pure function of (seed, s)
+# for the GLOBAL batch, and each process takes its slice: K processes with batch B equal one with batch K x B.
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator for update `step`, the same in every process and after any resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+
+
+def epoch_permutation(dataset_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the data set in `epoch`, a pure function of (seed, epoch)."""
+    return torch.randperm(dataset_size, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's slice of global micro-batch s = start, start+1, ...: epoch-wise shuffling of all data.
+
+    Global micro-batch s holds positions [s * G, (s + 1) * G) of the concatenated epoch permutations, G = the global
+    batch size (per-process batch x processes); process r takes the r-th slice.
+    """
+
+    def __init__(self, dataset_size: int, batch_size: int, rank: int, world_size: int, seed: int, start: int = 0):
+        self.dataset_size, self.batch_size, self.rank, self.world_size = dataset_size, batch_size, rank, world_size
+        self.seed, self.start = seed, start
+
+    def global_indices(self, micro_step: int) -> List[int]:
+        """Data set indices of global micro-batch `micro_step`."""
+        size = self.batch_size * self.world_size
+        positions = range(micro_step * size, (micro_step + 1) * size)
+        out, cached_epoch, perm = [], None, None
+        for position in positions:
+            epoch = position // self.dataset_size
+            if epoch != cached_epoch:
+                cached_epoch, perm = epoch, epoch_permutation(self.dataset_size, self.seed, epoch)
+            out.append(int(perm[position % self.dataset_size]))
+        return out
+
+    def __iter__(self) -> Iterator[List[int]]:
+        micro_step = self.start
+        while True:
+            indices = self.global_indices(micro_step)
+            yield indices[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+            micro_step += 1
+
+
+def rank_slice(tensor: torch.Tensor, rank: int, batch_size: int) -> torch.Tensor:
+    """Process `rank`'s rows of a global-batch tensor."""
+    return tensor[rank * batch_size : (rank + 1) * batch_size]
+
+
+def random_flips(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Mirror images[i] horizontally where flip[i]."""
+    return torch.where(flip.reshape(-1, 1, 1, 1).to(images.device), images.flip(-1), images)

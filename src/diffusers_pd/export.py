@@ -310,7 +310,14 @@ METHOD_NAMES = {
 
 
 def sampling_note(info: Dict[str, Any]) -> str:
-    """The model card's words on how an SFD student samples in plain diffusers and in this package (empty for PD)."""
+    """The model card's words on how an SFD or class-conditional student samples (empty for an unconditional PD one)."""
+    if info.get("class_conditional"):
+        return (
+            f"\n\nA class-conditional student with classifier-free guidance at s = {info.get('guidance_scale_folded')} built "
+            "into its weights (one UNet call per step). Stock diffusers has no pipeline that passes class labels to a "
+            "`UNet2DModel`: sample it with `diffusers_pd.ProgressiveDistillationPipeline.from_pretrained(folder)"
+            "(class_labels=torch.tensor([...]))` (the stock usage below cannot pass them)."
+        )
     if info.get("method") != "sfd":
         return ""
     steps, nfe = info["num_inference_steps"], info.get("nfe", info["num_inference_steps"])

@@ -43,11 +43,12 @@ class GuidedDistillationLoss:
     """Stage one of Meng et al. (2023): the student at e(s - 1) regresses the teacher's CFG x-hat at s (see the module).
 
     Args:
-        embedding_dim: the student's `time_cond_proj_dim` (the guidance embedding's size).
+        embedding_dim: the student's `time_cond_proj_dim` (the guidance embedding's size); None: the caller passes the
+            student's guidance input as `student_cond` (nothing for a student with the scale built in).
         weighting: w(lambda) of the x-space MSE: `"truncated_snr"` (max(SNR, 1), the paper's), `"snr_plus_one"`, ...
     """
 
-    def __init__(self, *, embedding_dim: int, weighting: str = "truncated_snr"):
+    def __init__(self, *, embedding_dim: Optional[int] = None, weighting: str = "truncated_snr"):
         loss_weight(alpha=torch.ones(1), sigma=torch.ones(1), weighting=weighting)  # validate early
         self.embedding_dim = embedding_dim
         self.weighting = weighting
@@ -63,9 +64,11 @@ class GuidedDistillationLoss:
         *,
         cond: Mapping[str, torch.Tensor],
         uncond: Mapping[str, torch.Tensor],
+        student_cond: Optional[Mapping[str, torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Per-sample loss at z_t = alpha_t x + sigma_t eps; `cond` / `uncond` are the teacher's conditional and null inputs
-        (e.g. `encoder_hidden_states`), `cond` is also the student's, which further gets `timestep_cond` = e(s - 1)."""
+        (e.g. `encoder_hidden_states`), `cond` is also the student's, which further gets `student_cond` (default
+        `timestep_cond` = e(s - 1) with `embedding_dim`)."""
         if not torch.equal(student.alphas_cumprod, teacher.alphas_cumprod):
             raise ValueError("The student's and the teacher's Denoiser must share one noise schedule: build both from the teacher's scheduler config.")
         alpha, sigma = teacher.alpha_sigma(torch.as_tensor(timesteps, dtype=torch.float64).cpu())
@@ -74,7 +77,9 @@ class GuidedDistillationLoss:
         with torch.no_grad():
             x_target, _ = GuidedDenoiser(teacher)(z, timesteps, alpha=alpha, sigma=sigma, guidance_scale=guidance_scales,
                                                   uncond=uncond, **cond)
-        embedding = guidance_timestep_cond(guidance_scales.cpu(), self.embedding_dim, batch_size=latents.shape[0])
-        x_hat, _ = student(z, timesteps, alpha=alpha, sigma=sigma, timestep_cond=embedding.to(latents.device), **cond)
+        if student_cond is None:
+            student_cond = {} if self.embedding_dim is None else {"timestep_cond": guidance_timestep_cond(
+                guidance_scales.cpu(), self.embedding_dim, batch_size=latents.shape[0]).to(latents.device)}
+        x_hat, _ = student(z, timesteps, alpha=alpha, sigma=sigma, **cond, **student_cond)
         return weighted_x_mse(x_hat=x_hat, x_target=x_target, alpha=alpha.to(latents.device), sigma=sigma.to(latents.device),
                               weighting=self.weighting)

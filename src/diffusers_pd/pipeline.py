@@ -48,14 +48,16 @@ def denoise(
     latents: torch.Tensor,
     num_inference_steps: int,
     progress: Optional[callable] = None,
+    **cond,
 ) -> torch.Tensor:
-    """Run any diffusers scheduler from noise `latents` for `num_inference_steps` steps; returns the final sample."""
+    """Run any diffusers scheduler from noise `latents` for `num_inference_steps` steps; returns the final sample
+    (`cond`: the UNet's extra inputs, e.g. `class_labels`)."""
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     sample = latents * scheduler.init_noise_sigma
     timesteps: Iterable = scheduler.timesteps if progress is None else progress(scheduler.timesteps)
     for t in timesteps:
         model_input = scheduler.scale_model_input(sample, t)
-        model_output = unet(model_input, t).sample
+        model_output = unet(model_input, t, **cond).sample
         sample = scheduler.step(model_output, t, sample).prev_sample
     return sample
 
@@ -94,17 +96,23 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
         latents: Optional[torch.Tensor] = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        class_labels: Optional[torch.Tensor] = None,
     ) -> Union[ImagePipelineOutput, tuple]:
         """Sample `batch_size` images in `num_inference_steps` (default: the student's own) DDIM steps.
 
         Args:
             latents (`torch.Tensor`, *optional*): initial noise; drawn from `generator` as DDPMPipeline does if None.
             output_type (`str`): `"pil"`, `"np"` or `"pt"` (images in [0, 1]).
+            class_labels (`torch.Tensor`, *optional*): one class per image, for a class-conditional student.
         """
         num_inference_steps = num_inference_steps or student_steps(self.scheduler)
         if num_inference_steps is None:
             raise ValueError("This pipeline holds no student step count: pass num_inference_steps=N.")
+        if (class_labels is None) != (self.unet.config.get("num_class_embeds") is None):
+            raise ValueError("Pass class_labels=tensor of one class per image for a class-conditional student, and only then.")
+        cond = {} if class_labels is None else {"class_labels": torch.as_tensor(class_labels).to(self._execution_device)}
         if latents is None:
+            batch_size = batch_size if class_labels is None else len(cond["class_labels"])
             latents = initial_noise(self.unet, batch_size, generator=generator, device=self._execution_device)
         latents = latents.to(self._execution_device)
         metadata = self.scheduler.config.get(METADATA_KEY) or {}
@@ -114,7 +122,7 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
             sample = sfd_student_samples(self.unet, latents, scheduler_config=self.scheduler.config, num_steps=num_inference_steps,
                                          grid=metadata.get("grid", "trailing"), afs=metadata.get("afs", False))
         else:
-            sample = denoise(self.unet, self.scheduler, latents, num_inference_steps, self.progress_bar)
+            sample = denoise(self.unet, self.scheduler, latents, num_inference_steps, self.progress_bar, **cond)
         image = (sample / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()

@@ -15,7 +15,8 @@ from .loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_in
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
 from .pipeline import ddim_samples
 from .scheduler import ProgressiveDistillationScheduler
-from .training import GlobalBatchSampler, linear_decay_lr, random_flips, step_generator
+from .data import GlobalBatchSampler, random_flips, step_generator
+from .training import linear_decay_lr
 
 
 def stage_steps(start_steps: int, end_steps: int) -> List[int]:

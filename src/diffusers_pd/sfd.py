@@ -39,7 +39,8 @@ from .pipeline import ddim_samples, evaluating
 from .scheduler import ProgressiveDistillationScheduler
 from .solvers import DenoiserFn, check_solver, ddim_trajectory, euler_step, solve
 from .step_embedding import add_step_embedding, fold_step_embedding
-from .training import step_decay_lr, step_generator
+from .data import step_generator
+from .training import step_decay_lr
 
 LOSSES = ("l1", "l2", "pseudo_huber")
 LOSS_SPACES = ("edm", "vp")
