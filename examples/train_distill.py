@@ -481,8 +481,9 @@ def distill(args, argv) -> dict:
             progress["global_step"] += 1
             losses.append(accelerator.gather(loss.detach()).mean().item())
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", updates=updates)
-            accelerator.log({"loss": losses[-1], "lr": lr, "stage": stage.index + 1, "updates": updates},
+            seen = (step + 1) * ctx.global_batch_size * args.gradient_accumulation_steps  # this stage's images / trajectories
+            bar.set_postfix({"loss": f"{losses[-1]:.4f}", "lr": f"{lr:.2e}", "updates": updates, method.unit: seen})
+            accelerator.log({"loss": losses[-1], "lr": lr, "stage": stage.index + 1, "updates": updates, method.unit: seen},
                             step=progress["global_step"])
             if step + 1 < stage.iterations:  # (the stage's last iteration ends in the stage-boundary checkpoint)
                 signum = stop.requested(accelerator)
@@ -508,6 +509,7 @@ def distill(args, argv) -> dict:
         row = {"stage": stage.name, "iterations": stage.iterations, "updates": updates, "global_batch": global_batch,
                "time_s": round(time.time() - stage_start, 1), "peak_memory_mib": launch.peak_memory_mib(device),
                "first_loss": training.mean_or_nan(losses[:10]), "final_loss": training.mean_or_nan(losses[-10:])}
+        accelerator.log({"peak_memory_mib": row["peak_memory_mib"], "stage_time_s": row["time_s"]}, step=progress["global_step"])
         teacher, finished = method.finish_stage(stage, student.eval().requires_grad_(False))
         for done in finished:
             history.append(finish_student(done, stage, row, validation, accelerator, method, args, progress["global_step"]))

@@ -116,6 +116,7 @@ class DistillationMethod:
 
     name: str = ""
     budget_flag: str = ""  # the flag that gives a stage more training (named in the worse-than-DDIM warning)
+    unit: str = "images"  # what one iteration's global batch holds (progress bars and logs count them)
 
     def title(self, teacher: str) -> str:
         """The summary's heading line."""

@@ -230,6 +230,7 @@ class SimpleFastDistillation(DistillationMethod):
 
     name = "sfd"
     budget_flag = "--num_trajectories"
+    unit = "trajectories"
 
     def __init__(self, scheduler_config: Mapping, sample_shape, *, nfes, iterations: int, afs: bool = True,
                  teacher_solver: str = "dpm_solver_3m", teacher_steps_per_step: int = 4, loss: str = "l1",
