@@ -171,7 +171,7 @@ def stage_plan(
     Why (benchmarks/results/eps-teacher-digits/, a digits eps teacher of the Hub DDPM shape, T = 1000 linear, 64 -> 1
     at 400 updates x 64 per stage, sample MSE to the teacher's 64-step samples; teacher DDIM in brackets):
       * a student starts as a copy of its teacher; reading an eps head as v (at low SNR v ~ -x where it outputs eps)
-        costs ~0.023 wherever it happens: v at once leaves 64 -> 32 at ~0.023 [0.00024] and every later stage
+        costs ~0.02 wherever it happens: v at once leaves 64 -> 32 at 0.018 [0.00024] and every later stage
         inherits it; a conversion stage (400 updates regressing the teacher's x-hat in v) ends at 0.023 itself;
       * kept in eps the many-step students are 5-10x closer (0.0021 / 0.0048 / 0.0086 at 32 / 16 / 8 steps);
       * eps breaks at few steps (x = (z - sigma eps) / alpha, alpha ~ 0 at the first step): kept to the end,
