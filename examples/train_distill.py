@@ -29,7 +29,8 @@ REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
 
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "cache_dir", "resolution",
               "center_crop", "random_flip", "dataloader_num_workers")
-PD_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "prediction_type", *DATA_FLAGS)
+PD_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "prediction_type",
+            "parameterization_switch_steps", "conversion_stage", *DATA_FLAGS)
 GUIDANCE_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "label_column", "null_class")
 TEXT_FLAGS = ("guidance_embedding_dim", "caption_column", "proportion_empty_prompts")
 SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "num_trajectories", "grid", "second_stage",
@@ -58,8 +59,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--iterations_per_stage", type=int, default=300, help="Updates per halving (the paper's K: 50000).")
     group.add_argument("--loss_weighting", type=str, default="truncated_snr", choices=["truncated_snr", "snr_plus_one"],
                        help="x-MSE weight: max(SNR, 1) (the paper's) or SNR + 1 (= the v-MSE).")
-    group.add_argument("--prediction_type", type=str, default="v_prediction", choices=["epsilon", "sample", "v_prediction"],
-                       help="The student's parameterization (works from any teacher's).")
+    group.add_argument("--prediction_type", type=str, default="auto", choices=["auto", "epsilon", "sample", "v_prediction"],
+                       help="The students' parameterization; auto: the teacher's, except that an epsilon teacher's "
+                       "students predict v from --parameterization_switch_steps on.")
+    group.add_argument("--parameterization_switch_steps", type=int, default=None,
+                       help="Students with more steps keep the teacher's parameterization; None: 4 for auto on an epsilon "
+                       "teacher, else the first stage (switch at once).")
+    group.add_argument("--conversion_stage", action="store_true",
+                       help="Before the switch, one stage at the teacher's own steps regresses its prediction in the new "
+                       "parameterization (one teacher call per sample).")
     group = parser.add_argument_group("SFD (--method sfd)")
     group.add_argument("--nfe", type=int, nargs="+", default=[4],
                        help="The student's network calls per sample; several (e.g. 2 3 4 5) train one SFD-v student for all.")
@@ -195,8 +203,7 @@ def validate(args):
     ProgressiveDistillationScheduler.from_config(scheduler_config)
     if args.method == "sfd":
         return teacher, dict(scheduler_config), None
-    student_scheduler = ProgressiveDistillationScheduler.from_config(scheduler_config, prediction_type=args.prediction_type)
-    num_train_timesteps = student_scheduler.config.num_train_timesteps
+    num_train_timesteps = ProgressiveDistillationScheduler.from_config(scheduler_config).config.num_train_timesteps
     if args.start_steps > num_train_timesteps // 2:
         raise ValueError(
             f"--start_steps {args.start_steps}: the first stage's teacher needs 2 x {args.start_steps} distinct timesteps "
@@ -306,7 +313,8 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
             scheduler_config, dataset, sample_shape, start_steps=args.start_steps, end_steps=args.end_steps,
             iterations_per_stage=args.iterations_per_stage, prediction_type=args.prediction_type,
             loss_weighting=args.loss_weighting, learning_rate=args.learning_rate, random_flip=args.random_flip,
-            dataloader_num_workers=args.dataloader_num_workers,
+            dataloader_num_workers=args.dataloader_num_workers, switch_steps=args.parameterization_switch_steps,
+            conversion_stage=args.conversion_stage,
         )
     global_batch = args.train_batch_size * num_processes
     if args.nfe and len(args.nfe) > 1:
@@ -349,7 +357,8 @@ def push(args) -> str:
 
 def finish_student(done: FinishedStudent, stage: Stage, row: dict, validation, accelerator, method, args, step: int) -> dict:
     """Measure one finished student against the teacher's reference, save it (and push it); returns its summary row."""
-    row = {"stage": row["stage"], "steps": done.nfe, **row, "student": done.folder_name}
+    row = {"stage": row["stage"], "steps": done.nfe, "prediction_type": done.prediction_type, **row,
+           "student": done.folder_name}
     if validation is not None:
         row["mse_to_teacher"] = mean_squared_distance(done.sampler(done.unet, validation["latents"]), validation["reference"])
         row["teacher_ddim_mse"] = validation["ddim"][done.nfe]
@@ -362,7 +371,7 @@ def finish_student(done: FinishedStudent, stage: Stage, row: dict, validation, a
                 f"({row['teacher_ddim_mse']:.4g}): raise {method.budget_flag} (now {getattr(args, method.budget_flag[2:])}) "
                 "for a student worth its steps.",
                 main_process_only=True)
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and done.saved:
         grid = sampler_grid(done.unet, done.sampler, args.num_grid_images, accelerator.device, decode=method.decode)
         training.log_grid(accelerator, grid, step, f"samples/{done.nfe}steps")
         done.save(
@@ -372,6 +381,8 @@ def finish_student(done: FinishedStudent, stage: Stage, row: dict, validation, a
             card_training=method.card_training(stage, row["global_batch"]), stage=stage.index + 1,
         )
         row["hub"] = push(args) if args.push_to_hub else "-"
+    else:
+        row["hub"] = "-"
     return row
 
 
@@ -532,7 +543,8 @@ def distill(args, argv) -> dict:
             from diffusers_pd.hub import is_pushed
 
             for row in history:
-                row["hub"] = "pushed" if is_pushed(output_dir / row["student"], args.hub_model_id) else "push failed"
+                if row["student"] != "-":
+                    row["hub"] = "pushed" if is_pushed(output_dir / row["student"], args.hub_model_id) else "push failed"
         table = training.format_table(history) + "\n\n" + SUMMARY_NOTE
         atomic_write_text(output_dir / "summary.json", json.dumps(history, indent=2))
         atomic_write_text(output_dir / "summary.md", table + "\n")

@@ -25,6 +25,8 @@ from diffusers_pd import arguments  # standard library only: --help answers befo
 GRAYSCALE_DATASETS = ("digits", "fashion_mnist")
 SHAPE_ARGS = ("block_out_channels", "layers_per_block", "attention", "norm_num_groups", "dropout")
 DEFAULT_SHAPE = {"block_out_channels": [64, 128, 128], "layers_per_block": 2}  # as the help texts say
+# the paper's table, then diffusers_pd.schedules.BETA_SCHEDULES[:3] (spelled out: --help answers before any heavy import)
+TEACHER_SCHEDULES = ("cosine_logsnr", "linear", "scaled_linear", "squaredcos_cap_v2")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,11 +48,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--num_channels", type=int, default=None,
                        help=f"Image channels; None: 1 for {', '.join(GRAYSCALE_DATASETS)}, else 3.")
     group = parser.add_argument_group("diffusion")
-    group.add_argument("--num_train_timesteps", type=int, default=1024, help="Points T of the cosine log-SNR table.")
-    group.add_argument("--prediction_type", type=str, default="v_prediction", choices=["v_prediction", "sample"],
-                       help="What the network predicts (eps-prediction breaks down at zero SNR).")
-    group.add_argument("--loss_weighting", type=str, default="snr_plus_one", choices=["snr_plus_one", "truncated_snr"],
-                       help="x-MSE weight: SNR + 1 (= v-MSE) or max(SNR, 1).")
+    group.add_argument("--num_train_timesteps", type=int, default=1024,
+                       help="Points T of the cosine log-SNR table, or of the beta schedule (Hub DDPM checkpoints: 1000).")
+    group.add_argument("--beta_schedule", type=str, default="cosine_logsnr", choices=TEACHER_SCHEDULES,
+                       help="cosine_logsnr: the paper's table, saved as trained_betas with a trailing DDIMScheduler; "
+                            "else a diffusers beta schedule saved as a stock DDPMScheduler config (the Hub DDPM shape: "
+                            "linear, T = 1000, epsilon).")
+    group.add_argument("--beta_start", type=float, default=0.0001, help="First beta of linear / scaled_linear.")
+    group.add_argument("--beta_end", type=float, default=0.02, help="Last beta of linear / scaled_linear.")
+    group.add_argument("--prediction_type", type=str, default="v_prediction", choices=["v_prediction", "sample", "epsilon"],
+                       help="What the network predicts (epsilon: the Hub DDPM shape; it breaks down at zero SNR).")
+    group.add_argument("--loss_weighting", type=str, default="snr_plus_one", choices=["snr_plus_one", "truncated_snr", "snr"],
+                       help="x-MSE weight: SNR + 1 (= v-MSE), max(SNR, 1), or SNR (= eps-MSE, DDPM's L_simple).")
     group = parser.add_argument_group("loop")
     group.add_argument("--max_train_steps", type=int, default=100_000, help="Optimizer updates.")
     group.add_argument("--lr_warmup_steps", type=int, default=500, help="Linear warmup, then a constant learning rate.")
@@ -83,7 +92,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from diffusers_pd import ProgressiveDistillationScheduler, __version__, checkpoints, cosine_trained_betas, data, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
-from diffusers_pd.export import card_front_matter, ddim_scheduler, save_pipeline_folder  # noqa: E402
+from diffusers_pd.export import card_front_matter, ddim_scheduler, ddpm_scheduler, save_pipeline_folder  # noqa: E402
 from diffusers_pd.loading import public_name  # noqa: E402
 from diffusers_pd.loss import DiffusionLoss, RawOutput, draw_noise_and_grid_indices  # noqa: E402
 from diffusers_pd.pipeline import sample_grid  # noqa: E402
@@ -124,7 +133,16 @@ def unet_config(args, template: dict, resolution: int, num_channels: int) -> dic
 def run_signature(unet: UNet2DModel, args) -> dict:
     """What a checkpoint must share with the run that resumes it."""
     config = {k: v for k, v in json.loads(json.dumps(dict(unet.config))).items() if not k.startswith("_")}
-    return {"unet": config, "num_train_timesteps": args.num_train_timesteps, "prediction_type": args.prediction_type}
+    return {"unet": config, "num_train_timesteps": args.num_train_timesteps, "prediction_type": args.prediction_type,
+            **({} if args.beta_schedule == "cosine_logsnr" else {"schedule": schedule_config(args)})}
+
+
+def schedule_config(args) -> dict:
+    """The schedule keys of the teacher's scheduler: the cosine log-SNR table as trained_betas, or a beta schedule."""
+    if args.beta_schedule == "cosine_logsnr":
+        return {"num_train_timesteps": args.num_train_timesteps, "trained_betas": cosine_trained_betas(args.num_train_timesteps)}
+    return {"num_train_timesteps": args.num_train_timesteps, "beta_schedule": args.beta_schedule,
+            "beta_start": args.beta_start, "beta_end": args.beta_end}
 
 
 def check_arguments(args) -> None:
@@ -217,9 +235,7 @@ of Salimans & Ho, *Progressive Distillation for Fast Sampling of Diffusion Model
 `diffusers_pd` {version}. It is a **teacher**: the model that progressive distillation
 (`examples/train_distill.py --teacher {where}`) halves into students of fewer and fewer sampling steps.
 
-It predicts `{prediction_type}` on the paper's cosine log-SNR schedule lambda(t) = -2 log tan(a t + b), clipped
-to [-20, 20], tabulated at T = {T} points t_i = (i + 1) / T and stored as `trained_betas`, so every stock
-diffusers scheduler reproduces it.
+It predicts `{prediction_type}` on {schedule_text}
 
 ![samples](samples.png)
 
@@ -233,9 +249,7 @@ pipe = DiffusionPipeline.from_pretrained("{where}")
 images = pipe(batch_size=16, num_inference_steps={steps}, generator=torch.Generator().manual_seed(0)).images
 ```
 
-The saved `DDIMScheduler` samples deterministic DDIM on the trailing grid, exactly when `num_inference_steps`
-divides {T} (e.g. {steps}); `diffusers_pd.ProgressiveDistillationPipeline` samples any step count exactly.
-Always pass `num_inference_steps` (the `DDPMPipeline` default, 1000, does not divide {T}).
+{sampler_text}
 
 ## Training
 
@@ -247,6 +261,23 @@ Always pass `num_inference_steps` (the `DDPMPipeline` default, 1000, does not di
 |---|---|
 {rows}
 """
+
+# indexed by "is it the cosine log-SNR table": (beta schedule, cosine table)
+SCHEDULE_TEXT = (
+    """the `{args.beta_schedule}` beta schedule (beta from {args.beta_start} to {args.beta_end}, T =
+{args.num_train_timesteps}), saved as a stock `DDPMScheduler` config, the shape of the Hub's DDPM checkpoints.""",
+    """the paper's cosine log-SNR schedule lambda(t) = -2 log tan(a t + b), clipped
+to [-20, 20], tabulated at T = {args.num_train_timesteps} points t_i = (i + 1) / T and stored as `trained_betas`, so every stock
+diffusers scheduler reproduces it.""",
+)
+SAMPLER_TEXT = (
+    """The saved `DDPMScheduler` samples ancestrally (1000 steps by default); for few deterministic steps load a
+`DDIMScheduler` from its config, or use `diffusers_pd.ProgressiveDistillationPipeline`, which samples any step
+count exactly.""",
+    """The saved `DDIMScheduler` samples deterministic DDIM on the trailing grid, exactly when `num_inference_steps`
+divides {T} (e.g. {steps}); `diffusers_pd.ProgressiveDistillationPipeline` samples any step count exactly.
+Always pass `num_inference_steps` (the `DDPMPipeline` default, 1000, does not divide {T}).""",
+)
 
 
 def model_card(args, where: str, command: str, parameters: int, cost: dict, final_loss) -> str:
@@ -260,19 +291,26 @@ def model_card(args, where: str, command: str, parameters: int, cost: dict, fina
         "EMA decay": args.ema_decay or "none (raw weights)", "final loss (last 10 updates)": final_loss,
         "training wall time": f"{cost['train_wall_time_s'] / 60:.1f} min on {cost['num_processes']} x {cost['device']}",
     }
+    steps = max(d for d in range(1, args.num_inference_steps + 1) if args.num_train_timesteps % d == 0)
     return MODEL_CARD.format(
         front_matter=card_front_matter("progressive-distillation-teacher"), dataset=args.dataset_name or public_name(args.train_data_dir), resolution=args.resolution, parameters=parameters,
-        version=__version__, where=where, prediction_type=args.prediction_type, T=args.num_train_timesteps,
-        steps=max(d for d in range(1, args.num_inference_steps + 1) if args.num_train_timesteps % d == 0),
-        command=command, rows="\n".join(f"| {k} | {v} |" for k, v in rows.items()),
+        version=__version__, where=where, prediction_type=args.prediction_type,
+        schedule_text=SCHEDULE_TEXT[args.beta_schedule == "cosine_logsnr"].format(args=args),
+        sampler_text=SAMPLER_TEXT[args.beta_schedule == "cosine_logsnr"].format(T=args.num_train_timesteps, steps=steps),
+        steps=steps, command=command, rows="\n".join(f"| {k} | {v} |" for k, v in rows.items()),
     )
 
 
 def save_teacher(folder: Path, unet, scheduler_config, files: dict) -> None:
-    """Write the teacher as a stock DDPMPipeline folder (deterministic trailing DDIM) with `files`, atomically."""
-    metadata = {"method": "teacher", "schedule": "cosine_logsnr", "logsnr_min": -20.0, "logsnr_max": 20.0,
-                "diffusers_pd_version": __version__}
-    save_pipeline_folder(folder, unet, ddim_scheduler(scheduler_config), metadata, files)
+    """Write the teacher as a stock DDPMPipeline folder with `files`, atomically: a deterministic trailing
+    DDIMScheduler for the cosine log-SNR table, a stock DDPMScheduler (as Hub DDPM checkpoints) for a beta schedule."""
+    if scheduler_config.get("trained_betas") is not None:
+        metadata = {"method": "teacher", "schedule": "cosine_logsnr", "logsnr_min": -20.0, "logsnr_max": 20.0}
+        stock = ddim_scheduler(scheduler_config)
+    else:
+        metadata = {"method": "teacher", "schedule": scheduler_config["beta_schedule"]}
+        stock = ddpm_scheduler(scheduler_config)
+    save_pipeline_folder(folder, unet, stock, {**metadata, "diffusers_pd_version": __version__}, files)
 
 
 def push_teacher(folder: Path, args) -> str:
@@ -315,11 +353,7 @@ def train(args, argv) -> int:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     # 3. schedule, loss, model, optimizer, EMA; resume from a checkpoint
-    scheduler = ProgressiveDistillationScheduler(
-        num_train_timesteps=args.num_train_timesteps,
-        trained_betas=cosine_trained_betas(args.num_train_timesteps),
-        prediction_type=args.prediction_type,
-    )
+    scheduler = ProgressiveDistillationScheduler(**schedule_config(args), prediction_type=args.prediction_type)
     loss_fn = DiffusionLoss(scheduler, args.loss_weighting)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

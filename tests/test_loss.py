@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_unet
 
 from diffusers_pd import ProgressiveDistillationScheduler
-from diffusers_pd.loss import DiffusionLoss, ProgressiveDistillationLoss, draw_noise_and_grid_indices
+from diffusers_pd.loss import DiffusionLoss, ParameterizationConversionLoss, ProgressiveDistillationLoss, draw_noise_and_grid_indices
+from diffusers_pd.parameterization import convert_output
 
 
 def batch(seed=0, n=6):
@@ -61,6 +62,23 @@ def test_distillation_loss_vanishes_for_the_ideal_student_only():
 
     assert loss_fn(ideal_student, net64, images, noise, indices).abs().max() < 1e-12
     assert loss_fn(net64, net64, images, noise, indices).min() > 1e-6
+
+
+@pytest.mark.parametrize("teacher_type,student_type", [("epsilon", "v_prediction"), ("sample", "v_prediction"), ("epsilon", "sample")])
+def test_conversion_loss_vanishes_for_the_converted_teacher_only(teacher_type, student_type):
+    """The student whose output is the teacher's converted to its parameterization samples the same: zero loss."""
+    scheduler = ProgressiveDistillationScheduler(prediction_type=student_type)
+    scheduler.set_timesteps(16)
+    images, noise, generator = batch(2)
+    indices = torch.randint(16, (len(images),), generator=generator)
+    loss_fn = ParameterizationConversionLoss(scheduler, "snr_plus_one", teacher_prediction_type=teacher_type)
+
+    def converted(z, t):
+        alpha, sigma = scheduler.alpha_sigma(t, z)
+        return convert_output(output=net64(z, t), z=z, alpha=alpha, sigma=sigma, from_type=teacher_type, to_type=student_type)
+
+    assert loss_fn(converted, net64, images, noise, indices).abs().max() < 1e-12
+    assert loss_fn(net64, net64, images, noise, indices).min() > 1e-6  # the copied head, read in the other parameterization
 
 
 def test_teacher_gets_no_gradient_and_student_does():

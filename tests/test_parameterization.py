@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from diffusers_pd.parameterization import (
+    EPSILON_SWITCH_STEPS,
+    convert_output,
     ddim_noise_std,
     ddim_step,
     ddim_stochastic_step,
@@ -19,6 +21,7 @@ from diffusers_pd.parameterization import (
     x_from_ddim_endpoints,
     x_from_eps,
     x_from_v,
+    stage_plan,
 )
 
 torch.manual_seed(0)
@@ -116,3 +119,64 @@ def test_ddim_noise_std_and_stochastic_step():
         ddim_stochastic_step(x=x, eps=eps, noise=noise, alpha_s=alpha_s, sigma_s=sigma_s, std=zero),
         ddim_step(x=x, eps=eps, alpha_s=alpha_s, sigma_s=sigma_s), rtol=1e-12, atol=1e-12,
     )
+
+
+# closed forms of every conversion, written out independently of the module (z = alpha x + sigma eps)
+CLOSED_FORMS = {
+    ("epsilon", "v_prediction"): lambda eps, z, a, s: (eps - s * z) / a,
+    ("epsilon", "sample"): lambda eps, z, a, s: (z - s * eps) / a,
+    ("v_prediction", "epsilon"): lambda v, z, a, s: s * z + a * v,
+    ("v_prediction", "sample"): lambda v, z, a, s: a * z - s * v,
+    ("sample", "epsilon"): lambda x, z, a, s: (z - a * x) / s,
+    ("sample", "v_prediction"): lambda x, z, a, s: (a * z - x) / s,
+}
+
+
+@pytest.mark.parametrize("from_type,to_type", sorted(CLOSED_FORMS))
+def test_convert_output_matches_the_float64_closed_form(from_type, to_type):
+    x, eps, alpha, sigma = point()
+    z = alpha * x + sigma * eps
+    output = {"epsilon": eps, "sample": x, "v_prediction": alpha * eps - sigma * x}[from_type]
+    converted = convert_output(output=output, z=z, alpha=alpha, sigma=sigma, from_type=from_type, to_type=to_type)
+    torch.testing.assert_close(converted, CLOSED_FORMS[from_type, to_type](output, z, alpha, sigma), rtol=1e-11, atol=1e-11)
+    # an arbitrary output (not consistent with z) converts by the same formula, and back
+    other = torch.randn_like(output)
+    there = convert_output(output=other, z=z, alpha=alpha, sigma=sigma, from_type=from_type, to_type=to_type)
+    torch.testing.assert_close(there, CLOSED_FORMS[from_type, to_type](other, z, alpha, sigma), rtol=1e-11, atol=1e-11)
+    back = convert_output(output=there, z=z, alpha=alpha, sigma=sigma, from_type=to_type, to_type=from_type)
+    torch.testing.assert_close(back, other, rtol=1e-10, atol=1e-10)
+
+
+def plan_table(plan):
+    return [(e["steps"], e["prediction_type"], e["conversion"]) for e in plan]
+
+
+def test_stage_plan_keeps_stable_teachers_and_switches_epsilon_late():
+    steps = [32, 16, 8, 4, 2, 1]
+    for teacher in ("v_prediction", "sample"):  # students keep the teacher's head: nothing to re-learn
+        assert {e["prediction_type"] for e in stage_plan(stage_steps=steps, teacher_prediction_type=teacher)} == {teacher}
+    plan = plan_table(stage_plan(stage_steps=steps, teacher_prediction_type="epsilon"))
+    assert plan == [(n, "epsilon" if n > EPSILON_SWITCH_STEPS else "v_prediction", False) for n in steps]
+    # an explicit parameterization switches at once (the behaviour before "auto"), or where asked
+    assert {e["prediction_type"] for e in stage_plan(stage_steps=steps, teacher_prediction_type="epsilon",
+                                                    prediction_type="v_prediction")} == {"v_prediction"}
+    assert plan_table(stage_plan(stage_steps=steps, teacher_prediction_type="sample", prediction_type="v_prediction",
+                                 switch_steps=2))[3:] == [(4, "sample", False), (2, "v_prediction", False), (1, "v_prediction", False)]
+
+
+def test_stage_plan_conversion_stage_sits_at_the_switching_teachers_steps():
+    plan = plan_table(stage_plan(stage_steps=[32, 16, 8], teacher_prediction_type="epsilon", prediction_type="v_prediction",
+                                 conversion_stage=True))
+    assert plan == [(64, "v_prediction", True), (32, "v_prediction", False), (16, "v_prediction", False), (8, "v_prediction", False)]
+    plan = plan_table(stage_plan(stage_steps=[8, 4, 2], teacher_prediction_type="epsilon", switch_steps=4, conversion_stage=True))
+    assert plan == [(8, "epsilon", False), (8, "v_prediction", True), (4, "v_prediction", False), (2, "v_prediction", False)]
+    # nothing to convert: no conversion stage
+    assert not any(e["conversion"] for e in stage_plan(stage_steps=[8, 4], teacher_prediction_type="v_prediction",
+                                                       conversion_stage=True))
+
+
+def test_stage_plan_refuses_a_switch_below_one_step():
+    with pytest.raises(ValueError, match="parameterization_switch_steps"):
+        stage_plan(stage_steps=[2, 1], teacher_prediction_type="epsilon", switch_steps=0)
+    with pytest.raises(ValueError, match="v_prediction"):
+        stage_plan(stage_steps=[2, 1], teacher_prediction_type="eps")

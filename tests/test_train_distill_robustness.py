@@ -164,11 +164,12 @@ def latest_step(output_dir: Path) -> int:
 
 
 def test_sigkilled_run_resumes_to_the_same_students(teachers, tmp_path):
+    # eps teacher -> v students with a conversion stage: stages 8 (eps -> v), 8 -> 4, 4 -> 2, 6 updates each
     common = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 6,
-              "--train_batch_size", 4, "--ema_decay", 0.9]
+              "--train_batch_size", 4, "--ema_decay", 0.9, "--prediction_type", "v_prediction", "--conversion_stage"]
     out_a, out_b = tmp_path / "a", tmp_path / "b"
     env = script_env(tmp_path / "hf_home")
-    # B checkpoints at updates 2, 4, 6 (the stage boundary), 8 and 10 of 12, keeping only the newest.
+    # B checkpoints at updates 2, 4, 6 (a stage boundary), ..., 16 of 18, keeping only the newest.
     resumable = [*common, "--output_dir", out_b, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1]
     rng = random.Random()
     kill_after, delay = rng.choice([1, 2, 3]), rng.uniform(0.0, 0.1)
@@ -224,12 +225,14 @@ def test_sigkilled_run_resumes_to_the_same_students(teachers, tmp_path):
         a, b = unet_weights(out_a / f"student-{steps}steps"), unet_weights(out_b / f"student-{steps}steps")
         assert max_abs_diff(a, b) <= 1e-6, steps
         assert max_abs_diff(a, teacher) > 1e-4  # the students really trained: equality is not vacuous
-    assert [row["steps"] for row in json.loads((out_b / "summary.json").read_text())] == [4, 2]
-    # --checkpoints_total_limit 1: only the newest checkpoint (update 10 of 12) is left, and it is complete.
-    assert [p.name for p in checkpoint_folders(out_b)] == ["checkpoint-10"]
-    assert json.loads((out_b / "checkpoint-10" / "progress.json").read_text())["global_step"] == 10
+    summary = json.loads((out_b / "summary.json").read_text())
+    assert [(row["steps"], row["prediction_type"]) for row in summary] == [(8, "v_prediction"), (4, "v_prediction"), (2, "v_prediction")]
+    assert summary[0]["stage"] == "8: epsilon -> v_prediction"
+    # --checkpoints_total_limit 1: only the newest checkpoint (update 16 of 18) is left, and it is complete.
+    assert [p.name for p in checkpoint_folders(out_b)] == ["checkpoint-16"]
+    assert json.loads((out_b / "checkpoint-16" / "progress.json").read_text())["global_step"] == 16
     assert {"progress.json", "student.safetensors", "teacher.safetensors", "optimizer.pt", "ema.pt"} <= {
-        p.name for p in (out_b / "checkpoint-10").iterdir()}
+        p.name for p in (out_b / "checkpoint-16").iterdir()}
 
 
 # ----------------------------------------------------------------------------------------------- 2. two processes
@@ -240,7 +243,8 @@ def test_two_cpu_processes_train_the_same_students_as_one_with_the_global_batch(
     # test uses eps=1 (updates linear in g, lr raised to match): then 2 processes vs 1 differ by ~1e-7 absolute
     # (~1e-6 of the total change), the same as 1 vs 2 threads, while a wrong global batch differs by ~1e-2 (~70%).
     common = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 5,
-              "--checkpointing_steps", 3, "--ema_decay", 0.9, "--adam_epsilon", 1, "--learning_rate", 0.1]
+              "--checkpointing_steps", 3, "--ema_decay", 0.9, "--adam_epsilon", 1, "--learning_rate", 0.1,
+              "--prediction_type", "v_prediction", "--conversion_stage"]  # across a conversion stage too
     one, two = tmp_path / "one", tmp_path / "two"
     env = script_env(tmp_path / "hf_home", GLOO_SOCKET_IFNAME="lo")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -346,3 +346,33 @@ def test_linear_warmup_lr_rises_linearly_then_stays_constant():
     lrs = [training.linear_warmup_lr(step, 4, 1e-3) for step in range(8)]
     np.testing.assert_allclose(lrs, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])
     assert training.linear_warmup_lr(0, 0, 3e-4) == 3e-4  # no warmup: constant from the first update
+
+
+def test_hub_ddpm_shaped_eps_teacher_is_a_stock_ddpm_config_and_learns_eps(tmp_path):
+    """--prediction_type epsilon --beta_schedule linear --num_train_timesteps 1000: the scheduler folder is what
+    google/ddpm-* checkpoints ship (a DDPMScheduler with the stock defaults), and the net learned the eps-MSE."""
+    from diffusers import DDPMScheduler
+
+    output_dir = tmp_path / "out"
+    result = train([*TINY, "--max_train_steps", "30", "--learning_rate", "2e-3", "--lr_warmup_steps", "1",
+                    "--save_images_steps", "30", "--report_to", "none", "--ema_decay", "0", "--output_dir", str(output_dir),
+                    "--prediction_type", "epsilon", "--beta_schedule", "linear", "--num_train_timesteps", "1000",
+                    "--loss_weighting", "snr"], offline_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    teacher = output_dir / "teacher"
+    assert json.loads((teacher / "model_index.json").read_text())["scheduler"] == ["diffusers", "DDPMScheduler"]
+    config = json.loads((teacher / "scheduler" / "scheduler_config.json").read_text())
+    stock = {k: v for k, v in DDPMScheduler(num_train_timesteps=1000).config.items() if not k.startswith("_")}
+    assert {k: config[k] for k in stock} == stock  # every key as a stock DDPMScheduler(num_train_timesteps=1000) has it
+    assert config["_diffusers_pd"]["schedule"] == "linear" and "linear" in (teacher / "README.md").read_text()
+
+    # the logged loss is the eps-MSE (snr weighting), ~1 for the untrained net, and it falls
+    history = losses(output_dir)
+    assert np.mean(history[-5:]) < 0.6 * np.mean(history[:5]), history
+
+
+def test_teacher_schedules_are_the_library_beta_schedules(script):
+    """--beta_schedule's choices, spelled out for a --help without heavy imports, are the library's beta schedules."""
+    from diffusers_pd.schedules import BETA_SCHEDULES
+
+    assert script.TEACHER_SCHEDULES == ("cosine_logsnr", *BETA_SCHEDULES[:3])

@@ -25,7 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
 from huggingface_hub import ModelCard
 
 from . import __version__
@@ -56,6 +56,11 @@ def schedule_kwargs(config) -> Dict[str, Any]:
 def ddim_scheduler(config) -> DDIMScheduler:
     """A stock DDIMScheduler sampling deterministic DDIM on the trailing grid of `config`'s schedule."""
     return DDIMScheduler(**schedule_kwargs(config), **STOCK_SAMPLING_KEYS)
+
+
+def ddpm_scheduler(config) -> DDPMScheduler:
+    """A stock DDPMScheduler of `config`'s schedule, configured as the Hub's DDPM checkpoints ship it (ancestral)."""
+    return DDPMScheduler(**schedule_kwargs(config))
 
 
 def dpm_solver_first_order_scheduler(config, grid: str = "trailing") -> DPMSolverMultistepScheduler:

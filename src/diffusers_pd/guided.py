@@ -26,6 +26,7 @@ from .guided_distillation import GuidedDistillationLoss, draw_guided_batch, unif
 from .loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
 from .pipeline import evaluating
+from .parameterization import stage_plan
 from .progressive import stage_steps
 from .scheduler import ProgressiveDistillationScheduler
 from .solvers import ddim_trajectory
@@ -95,7 +96,8 @@ class GuidedDistillation(DistillationMethod):
             scale for an adapter without a guidance input); s_max = 1: no guided stage, plain conditional halvings.
         guidance_iterations: updates of stage one; iterations_per_stage: updates per halving.
         start_steps, end_steps: stage one's student steps (= the first halving's teacher) and the last student's.
-        prediction_type: the halved students' parameterization (stage one keeps the teacher's: it starts equal to it).
+        prediction_type: the halved students' parameterization, or "auto" (`parameterization.stage_plan`'s rule);
+            stage one keeps the teacher's (it starts equal to it).
     """
 
     name = "guided"
@@ -117,7 +119,10 @@ class GuidedDistillation(DistillationMethod):
         self.guided_stage = guidance_scale_max > 1 or conditioning.guidance_input
         self.validation_scale = (guidance_scale_min + guidance_scale_max) / 2
         self.guidance_iterations, self.iterations_per_stage = guidance_iterations, iterations_per_stage
-        self.start_steps, self.end_steps, self.prediction_type = start_steps, end_steps, prediction_type
+        self.start_steps, self.end_steps = start_steps, end_steps
+        # the halved students' parameterizations: the rule of progressive distillation (stage one keeps the teacher's)
+        self.plan = stage_plan(stage_steps=self.halvings, teacher_prediction_type=self.config["prediction_type"],
+                               prediction_type=prediction_type)
         self.loss_weighting, self.peak_learning_rate = loss_weighting, learning_rate
         self.guided_loss = GuidedDistillationLoss(weighting=loss_weighting)
 
@@ -152,7 +157,8 @@ class GuidedDistillation(DistillationMethod):
     def start_stage(self, stage: Stage, first_iteration: int, ctx: LoopContext) -> None:
         self.sampler = GlobalBatchSampler(len(self.conditioning), ctx.batch_size, ctx.rank, ctx.num_processes, ctx.seed)
         if stage.index > 0 or not self.guided_stage:
-            self.scheduler = ProgressiveDistillationScheduler.from_config(self.config, prediction_type=self.prediction_type)
+            prediction_type = self.plan[stage.index - int(self.guided_stage)]["prediction_type"]
+            self.scheduler = ProgressiveDistillationScheduler.from_config(self.config, prediction_type=prediction_type)
             self.scheduler.set_timesteps(stage.steps[0])
             self.loss_fn = ProgressiveDistillationLoss(self.scheduler, self.loss_weighting, self.config["prediction_type"])
 
@@ -172,7 +178,7 @@ class GuidedDistillation(DistillationMethod):
         num_steps = stage.steps[0]
         teacher_prediction_type = self.config["prediction_type"]
         if stage.index > 0 or not self.guided_stage:
-            self.config = {**self.config, "prediction_type": self.prediction_type}
+            self.config = {**self.config, "prediction_type": self.plan[stage.index - int(self.guided_stage)]["prediction_type"]}
         finished = FinishedStudent(
             num_steps, student, None, sampler=self.sampler_for(self.config, num_steps, student=True),
             saver=partial(self.conditioning.save, scheduler_config=self.teacher_config,

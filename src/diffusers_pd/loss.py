@@ -94,9 +94,29 @@ class ProgressiveDistillationLoss:
         timesteps = self.scheduler.timesteps.cpu()[grid_indices.cpu()].to(images.device)
         alpha, sigma = self.scheduler.alpha_sigma(timesteps, images)
         z = (alpha * images + sigma * noise).to(images.dtype)
-        x_target = self.scheduler.distillation_target_x(teacher, z, timesteps, self.teacher_prediction_type)
+        x_target = self.target_x(teacher, z, timesteps)
         x_hat, _ = x_eps_from_output(
             output=student(z, timesteps).to(alpha.dtype),
             z=z.to(alpha.dtype), alpha=alpha, sigma=sigma, prediction_type=self.scheduler.config.prediction_type,
         )
         return weighted_x_mse(x_hat=x_hat, x_target=x_target, alpha=alpha, sigma=sigma, weighting=self.weighting)
+
+    def target_x(self, teacher: ModelFn, z: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x~ of Algorithm 2: two teacher DDIM steps t -> t' -> t'', inverted to one student step t -> t''."""
+        return self.scheduler.distillation_target_x(teacher, z, timesteps, self.teacher_prediction_type)
+
+
+class ParameterizationConversionLoss(ProgressiveDistillationLoss):
+    """Move a student to another parameterization without changing what it samples: regress its x-hat at (z_t, t)
+    on the teacher's x-hat (ONE teacher call per sample), t on the N-step grid the teacher samples with.
+
+    Same arguments and call as `ProgressiveDistillationLoss` (the scheduler is set to the TEACHER's N steps), so a
+    training loop runs it as one more stage.
+    """
+
+    @torch.no_grad()
+    def target_x(self, teacher: ModelFn, z: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The teacher's own x-hat at (z_t, t)."""
+        alpha, sigma = self.scheduler.alpha_sigma(timesteps, z)
+        x, _ = self.scheduler._teacher_x_eps(teacher, z.to(alpha.dtype), timesteps, alpha, sigma, self.teacher_prediction_type)
+        return x

@@ -73,6 +73,7 @@ class FinishedStudent:
         save_kwargs: further keyword arguments of the saver (metadata, grid).
         saver: `(folder, unet, num_inference_steps, **kwargs)` writing the stock folder; None: `export.save_student`
             with `scheduler` (a DDPMPipeline folder).
+        saved: False for an intermediate model that gets a summary row but no folder (a conversion stage's).
     """
 
     nfe: int
@@ -82,10 +83,18 @@ class FinishedStudent:
     num_inference_steps: Optional[int] = None
     save_kwargs: Dict[str, Any] = field(default_factory=dict)
     saver: Optional[Callable] = None
+    saved: bool = True
 
     @property
     def folder_name(self) -> str:
-        return f"student-{self.nfe}steps"
+        return f"student-{self.nfe}steps" if self.saved else "-"
+
+    @property
+    def prediction_type(self) -> Optional[str]:
+        """What the student's network predicts."""
+        if "prediction_type" in self.save_kwargs:
+            return self.save_kwargs["prediction_type"]
+        return None if self.scheduler is None else self.scheduler.config.prediction_type
 
     @property
     def stock_steps(self) -> int:

@@ -15,7 +15,7 @@ Every function is keyword-only and works on any dtype (the tests run them in flo
 `prediction_type` strings follow diffusers: ``"epsilon"``, ``"sample"``, ``"v_prediction"``.
 """
 
-from typing import Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -81,6 +81,12 @@ def output_from_x(*, x, z, alpha, sigma, prediction_type: str):
     return v_from_x_eps(x=x, eps=eps, alpha=alpha, sigma=sigma)
 
 
+def convert_output(*, output, z, alpha, sigma, from_type: str, to_type: str):
+    """The output in `to_type` that means the same x-hat as `output` in `from_type` at (z, alpha, sigma)."""
+    x, _ = x_eps_from_output(output=output, z=z, alpha=alpha, sigma=sigma, prediction_type=from_type)
+    return output_from_x(x=x, z=z, alpha=alpha, sigma=sigma, prediction_type=to_type)
+
+
 def ddim_step(*, x, eps, alpha_s, sigma_s):
     """z_s = alpha_s * x + sigma_s * eps, the deterministic DDIM update (eta = 0) to time s."""
     return alpha_s * x + sigma_s * eps
@@ -124,3 +130,68 @@ def loss_weight(*, alpha, sigma, weighting: str):
     if weighting == "snr":
         return ratio
     return torch.ones_like(ratio)
+
+
+# Students of an epsilon teacher keep epsilon while they take more than this many steps (see `stage_plan`).
+EPSILON_SWITCH_STEPS = 4
+
+
+def final_prediction_type(*, teacher_prediction_type: str, prediction_type: str = "auto") -> str:
+    """The parameterization the last students predict: `prediction_type`, or for "auto" v for an epsilon teacher
+    and the teacher's own otherwise."""
+    check_prediction_type(teacher_prediction_type)
+    if prediction_type != "auto":
+        return check_prediction_type(prediction_type)
+    return "v_prediction" if teacher_prediction_type == "epsilon" else teacher_prediction_type
+
+
+def stage_plan(
+    *,
+    stage_steps: List[int],
+    teacher_prediction_type: str,
+    prediction_type: str = "auto",
+    switch_steps: Optional[int] = None,
+    conversion_stage: bool = False,
+) -> List[Dict]:
+    """Which parameterization each progressive-distillation stage's student predicts: THE rule, stated once.
+
+    Returns one JSON-able dict per stage, in order, `{"steps": N, "prediction_type": P, "conversion": bool}`: a
+    halving 2N -> N whose student predicts P, or (`conversion` True) a stage at the teacher's own N steps that only
+    moves it to P (`loss.ParameterizationConversionLoss`, scheduler set to N). `stage_steps` are the students' steps
+    (e.g. [32, 16, 8, 4, 2, 1]); store the plan in checkpoints and refuse a resume whose plan differs.
+
+    The rule for `prediction_type="auto"` (the default):
+      * v_prediction and sample teachers: every student keeps the teacher's parameterization (the plan is the
+        pre-"auto" default's exactly, so v/x teachers' results are unchanged);
+      * epsilon teachers: students keep epsilon while N > EPSILON_SWITCH_STEPS (4) and predict v from N = 4 on;
+        no conversion stage.
+    An explicit `prediction_type` P switches to P at the first stage (the behaviour before "auto"), or at
+    `switch_steps` if given; `conversion_stage` puts a conversion stage before the switching halving.
+
+    Why (benchmarks/results/eps-teacher-digits/, a digits eps teacher of the Hub DDPM shape, T = 1000 linear, 64 -> 1
+    at 400 updates x 64 per stage, sample MSE to the teacher's 64-step samples; teacher DDIM in brackets):
+      * a student starts as a copy of its teacher; reading an eps head as v (at low SNR v ~ -x where it outputs eps)
+        costs ~0.02 wherever it happens: v at once leaves 64 -> 32 at 0.018 [0.00024] and every later stage
+        inherits it; a conversion stage (400 updates regressing the teacher's x-hat in v) ends at 0.023 itself;
+      * kept in eps the many-step students are 5-10x closer (0.0021 / 0.0048 / 0.0086 at 32 / 16 / 8 steps);
+      * eps breaks at few steps (x = (z - sigma eps) / alpha, alpha ~ 0 at the first step): kept to the end,
+        0.079 at 2 steps and 1.26 at 1 against 0.026 / 0.027 for v;
+      * switching at 4: 0.022 at 4 steps (eps there: 0.019), 0.026 at 2, 0.027 at 1; switching at 2: 0.019 at 4,
+        0.031 at 2, 0.032 at 1. The switch at 4 gives the closest 1- and 2-step students, the ones users want.
+    Every few-step stage (4, 2, 1) then beats the teacher's DDIM (0.62x, 0.03x, 0.003x); the 32/16/8-step eps
+    students (8.8x, 2.6x, 1.1x) do not at this budget with any parameterization: they drift from the copied
+    teacher (see results.md), a matter of the optimizer, not of this rule.
+    """
+    final = final_prediction_type(teacher_prediction_type=teacher_prediction_type, prediction_type=prediction_type)
+    if switch_steps is not None and switch_steps < 1:
+        raise ValueError(f"switch_steps {switch_steps}: pass a step count of at least 1 (--parameterization_switch_steps).")
+    if switch_steps is None:
+        switch_steps = EPSILON_SWITCH_STEPS if prediction_type == "auto" and teacher_prediction_type == "epsilon" else stage_steps[0]
+    plan, current = [], teacher_prediction_type
+    for steps in stage_steps:
+        wanted = final if steps <= switch_steps else teacher_prediction_type
+        if wanted != current and conversion_stage:
+            plan.append({"steps": 2 * steps, "prediction_type": wanted, "conversion": True})
+        plan.append({"steps": steps, "prediction_type": wanted, "conversion": False})
+        current = wanted
+    return plan

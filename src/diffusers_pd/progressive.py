@@ -2,17 +2,19 @@
 
 Stages halve the student's steps: start/2, start/4, ..., end. In each, the student starts as a copy of the teacher
 and every update regresses its one-step DDIM x-hat on the teacher's two-step target (Algorithm 2,
-`ProgressiveDistillationLoss`); the finished student becomes the next stage's teacher.
+`ProgressiveDistillationLoss`); the finished student becomes the next stage's teacher. Which parameterization each
+student predicts, and whether a conversion stage comes first, is `parameterization.stage_plan`'s rule.
 """
 
 import copy
 from functools import partial
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
+from .loss import ParameterizationConversionLoss, ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
+from .parameterization import stage_plan
 from .pipeline import ddim_samples
 from .scheduler import ProgressiveDistillationScheduler
 from .data import GlobalBatchSampler, random_flips, step_generator
@@ -65,7 +67,9 @@ class ProgressiveDistillation(DistillationMethod):
         sample_shape: (channels, height, width) of the teacher's samples.
         start_steps, end_steps: the teacher's sampling steps and the last student's.
         iterations_per_stage: updates per halving (the paper's K).
-        prediction_type: the students' parameterization.
+        prediction_type: the students' parameterization, or "auto" (`parameterization.stage_plan`'s rule).
+        switch_steps, conversion_stage: where the parameterization switches, and whether a conversion stage at the
+            teacher's own steps comes first (`stage_plan`).
         loss_weighting: `"truncated_snr"` or `"snr_plus_one"`.
         learning_rate: peak learning rate, decaying linearly to 0 over each stage.
     """
@@ -75,13 +79,18 @@ class ProgressiveDistillation(DistillationMethod):
 
     def __init__(self, scheduler_config: Dict[str, Any], dataset, sample_shape, *, start_steps: int, end_steps: int,
                  iterations_per_stage: int, prediction_type: str, loss_weighting: str, learning_rate: float,
-                 random_flip: bool = False, dataloader_num_workers: int = 0):
+                 random_flip: bool = False, dataloader_num_workers: int = 0, switch_steps: Optional[int] = None,
+                 conversion_stage: bool = False):
         self.teacher_config = dict(scheduler_config)  # the ORIGINAL teacher's, for the fidelity references
         self.scheduler_config = dict(scheduler_config)  # the current stage's teacher's
         self.teacher_prediction_type = self.scheduler_config["prediction_type"]
+        self.plan = stage_plan(stage_steps=stage_steps(start_steps, end_steps), teacher_prediction_type=self.teacher_prediction_type,
+                               prediction_type=prediction_type, switch_steps=switch_steps, conversion_stage=conversion_stage)
+        for entry in self.plan:  # e.g. epsilon on a zero-terminal-SNR schedule: refused now, not at that stage
+            ProgressiveDistillationScheduler.from_config(self.scheduler_config, prediction_type=entry["prediction_type"])
         self.dataset, self.sample_shape = dataset, tuple(sample_shape)
         self.start_steps, self.end_steps = start_steps, end_steps
-        self.iterations_per_stage, self.prediction_type = iterations_per_stage, prediction_type
+        self.iterations_per_stage = iterations_per_stage
         self.loss_weighting, self.peak_learning_rate = loss_weighting, learning_rate
         self.random_flip, self.dataloader_num_workers = random_flip, dataloader_num_workers
 
@@ -89,8 +98,16 @@ class ProgressiveDistillation(DistillationMethod):
         return f"Progressive distillation of {teacher}: {self.start_steps} -> {self.end_steps} steps"
 
     def stages(self) -> List[Stage]:
-        return [Stage(i, f"{2 * n} -> {n}", self.iterations_per_stage, (n,))
-                for i, n in enumerate(stage_steps(self.start_steps, self.end_steps))]
+        return [Stage(i, self.stage_name(i), self.iterations_per_stage, (entry["steps"],)) for i, entry in enumerate(self.plan)]
+
+    def stage_name(self, index: int) -> str:
+        """'64 -> 32' for a halving, '64: epsilon -> v_prediction' for a conversion stage; a student predicting other
+        than the original teacher says so: '8 -> 4 (v_prediction)'."""
+        entry, before = self.plan[index], self.plan[index - 1]["prediction_type"] if index else self.teacher_prediction_type
+        if entry["conversion"]:
+            return f"{entry['steps']}: {before} -> {entry['prediction_type']}"
+        name = f"{2 * entry['steps']} -> {entry['steps']}"
+        return name if entry["prediction_type"] == self.teacher_config["prediction_type"] else f"{name} ({entry['prediction_type']})"
 
     def init_student(self, teacher, stage: Stage):
         """The student starts as an exact copy of the teacher (as in the paper)."""
@@ -103,9 +120,11 @@ class ProgressiveDistillation(DistillationMethod):
 
     def start_stage(self, stage: Stage, first_iteration: int, ctx: LoopContext) -> None:
         """The stage's scheduler and loss, and its data stream from the exact micro-batch where it stopped."""
-        self.scheduler = ProgressiveDistillationScheduler.from_config(self.scheduler_config, prediction_type=self.prediction_type)
+        entry = self.plan[stage.index]
+        self.scheduler = ProgressiveDistillationScheduler.from_config(self.scheduler_config, prediction_type=entry["prediction_type"])
         self.scheduler.set_timesteps(stage.steps[0])
-        self.loss_fn = ProgressiveDistillationLoss(self.scheduler, self.loss_weighting, self.teacher_prediction_type)
+        loss_class = ParameterizationConversionLoss if entry["conversion"] else ProgressiveDistillationLoss
+        self.loss_fn = loss_class(self.scheduler, self.loss_weighting, self.teacher_prediction_type)
         sampler = GlobalBatchSampler(len(self.dataset), ctx.batch_size, ctx.rank, ctx.num_processes, ctx.seed,
                                      start=self.micro_step(stage, first_iteration, 0, ctx))
         from .data import collate_pixel_values
@@ -121,15 +140,16 @@ class ProgressiveDistillation(DistillationMethod):
         return ProgressiveBatch(self, stage, iteration, teacher, ctx)
 
     def finish_stage(self, stage: Stage, student) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
-        """The student becomes the next teacher (now in the students' prediction_type)."""
-        num_steps = stage.steps[0]
-        student_config = {**self.scheduler_config, "prediction_type": self.prediction_type}
+        """The student becomes the next teacher (now in its prediction_type); a conversion stage's gets a summary row
+        but no folder."""
+        num_steps, entry = stage.steps[0], self.plan[stage.index]
+        student_config = {**self.scheduler_config, "prediction_type": entry["prediction_type"]}
         finished = FinishedStudent(
-            num_steps, student, self.scheduler,
+            num_steps, student, self.scheduler, saved=not entry["conversion"],
             sampler=partial(ddim_samples, scheduler_config=student_config, num_steps=num_steps),
             save_kwargs=dict(teacher_prediction_type=self.teacher_prediction_type, loss_weighting=self.loss_weighting),
         )
-        self.teacher_prediction_type, self.scheduler_config = self.prediction_type, student_config
+        self.teacher_prediction_type, self.scheduler_config = entry["prediction_type"], student_config
         return student, [finished]
 
     def card_training(self, stage: Stage, global_batch: int) -> Dict[str, Any]:
