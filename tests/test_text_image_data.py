@@ -15,6 +15,7 @@ from diffusers_pd.text_image_data import (
     encode_prompts,
     encode_text_image_dataset,
     load_text_image_dataset,
+    write_captioned_imagefolder,
 )
 
 CAPTIONS = ["a photo of a bag", "a photo of a dress", "a photo of a bag", "a photo of a shirt", "a photo of a sneaker"]
@@ -127,3 +128,36 @@ def test_a_list_of_captions_gives_one_of_them_drawn_by_the_seed():
     assert pick_caption("a shirt", 0, "text", random.Random(0)) == "a shirt"
     with pytest.raises(ValueError, match="row 3 of caption column 'text' holds \\[\\]"):
         pick_caption([], 3, "text", random.Random(0))
+
+
+def test_written_captioned_imagefolder_reads_back_the_same_pixels_and_captions(tmp_path):
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, size=(28, 28), dtype=np.uint8), "L") for _ in CAPTIONS]
+    folder = write_captioned_imagefolder(tmp_path / "data", images, CAPTIONS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no staging folder left behind
+    dataset, image_column, caption_column = load_text_image_dataset(train_data_dir=str(folder))
+    assert dataset[caption_column] == CAPTIONS
+    for image, written in zip(dataset[image_column], images):
+        np.testing.assert_array_equal(np.asarray(image), np.asarray(written))
+    with pytest.raises(ValueError, match="one caption per image"):
+        write_captioned_imagefolder(tmp_path / "bad", images, CAPTIONS[:-1])
+    assert not (tmp_path / "bad").exists()
+
+
+def test_written_clip_vocab_makes_each_caption_word_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from diffusers_pd.clip_vocab import caption_words, write_clip_vocab
+
+    captions = ["a photo of a t-shirt/top", "a photo of a ankle boot", "a photo of a sneaker"]
+    words = caption_words(captions)
+    assert words == ["a", "photo", "of", "t", "-", "shirt", "/", "top", "ankle", "boot", "sneaker"]
+    tokenizer = CLIPTokenizer.from_pretrained(write_clip_vocab(tmp_path, words), model_max_length=16)
+    expected = {"a photo of a t-shirt/top": "a photo of a t - shirt / top", "a photo of a ankle boot": None,
+                "a photo of a sneaker": None}
+    for caption in captions:
+        pieces = (expected[caption] or caption).split()
+        assert tokenizer.tokenize(caption) == [piece + "</w>" for piece in pieces]
+    assert len(tokenizer.tokenize("sneakers")) > 1  # an unlisted word falls back to smaller pieces
+    with pytest.raises(ValueError, match="lower-case"):
+        write_clip_vocab(tmp_path / "bad", ["Sneaker"])

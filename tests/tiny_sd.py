@@ -5,13 +5,14 @@ Shapes: 16x16 RGB images, 8x8x4 latents (VAE scale factor 2), 16-token prompts, 
 scheduler is SD 1.x's own PNDMScheduler config (scaled_linear, steps_offset=1, set_alpha_to_one=False).
 """
 
-import json
 from pathlib import Path
 
 import torch
 from conftest import TINY_UNET
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from diffusers_pd.clip_vocab import write_clip_vocab
 
 MAX_LENGTH = 16
 TEXT_DIM = 32
@@ -62,37 +63,9 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
     return perturbed(AutoencoderKL(**TINY_VAE), seed)
 
 
-def bytes_to_unicode() -> dict:
-    """GPT-2/CLIP's byte -> printable character table (the byte-level BPE alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    codes, extra = list(printable), 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, codes)))
-
-
 def write_tiny_clip_vocab(folder, words=WORDS) -> Path:
-    """Write vocab.json (byte alphabet, its end-of-word forms, one merge chain per word, the two specials) and merges.txt."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = list(bytes_to_unicode().values())
-    vocab = {token: index for index, token in enumerate(alphabet + [c + "</w>" for c in alphabet])}
-    merges = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            vocab.setdefault(pieces[0], len(vocab))
-    merges = list(dict.fromkeys(merges))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
-    return folder
+    """Write the tiny vocabulary (the library's writer, with WORDS) into `folder`."""
+    return write_clip_vocab(folder, words)
 
 
 def tiny_tokenizer(folder) -> CLIPTokenizer:

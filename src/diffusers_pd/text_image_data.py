@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import datasets
 import torch
 
-from .atomic import PathLike, atomic_write_bytes
+from .atomic import PathLike, atomic_directory, atomic_write_bytes
 from .data import image_transform, load_image_dataset
 
 CACHE_FORMAT = 1
@@ -68,6 +68,23 @@ def load_text_image_dataset(
         raise ValueError(f"caption column {caption_column!r} not found; columns are {dataset.column_names}: pass the captions' "
                          "column with `--caption_column` (an imagefolder takes them from metadata.jsonl).")
     return dataset, image_column, caption_column
+
+
+def write_captioned_imagefolder(folder: PathLike, images: Sequence, captions: Sequence[str],
+                                caption_column: str = "text") -> Path:
+    """Write PIL `images` as PNGs with a metadata.jsonl of {"file_name", caption_column} lines: an imagefolder that
+    `--train_data_dir` reads (diffusers' text-to-image layout); the folder appears complete or not at all."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions: give one caption per image.")
+    width = len(str(max(len(images) - 1, 0)))
+    with atomic_directory(folder) as staging:
+        lines = []
+        for index, (image, caption) in enumerate(zip(images, captions)):
+            name = f"{index:0{width}d}.png"
+            image.save(staging / name)
+            lines.append(json.dumps({"file_name": name, caption_column: caption}))
+        (staging / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return Path(folder)
 
 
 def pick_caption(caption, row: int, caption_column: str, rng: random.Random) -> str:
