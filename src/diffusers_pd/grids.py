@@ -168,10 +168,16 @@ def teacher_grid(
 
 
 def nested_indices(student: Grid, teacher: Grid) -> torch.Tensor:
-    """Index in `teacher` of every student point (same t, alpha, sigma); one clear error if a point is missing."""
+    """Index in `teacher` of every student point (same t; alpha, sigma equal to 1e-6 relative); one clear error if a point is missing.
+
+    alpha / sigma are compared up to rounding: a stock scheduler gives the same timestep last-bit different values at
+    different step counts (the stage-one grid vs the second stage's 1-step grid).
+    """
     indices = []
     for n in range(len(student.timesteps)):
-        match = (teacher.timesteps == student.timesteps[n]) & (teacher.sigmas == student.sigmas[n]) & (teacher.alphas == student.alphas[n])
+        match = ((teacher.timesteps == student.timesteps[n])
+                 & torch.isclose(teacher.sigmas, student.sigmas[n], rtol=1e-6, atol=0.0)
+                 & torch.isclose(teacher.alphas, student.alphas[n], rtol=1e-6, atol=0.0))
         if not match.any():
             raise ValueError(
                 f"Student point {n} (t={student.timesteps[n].item():.4g}, sigma={student.sigmas[n].item():.4g}) is not on the "
