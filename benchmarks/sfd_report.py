@@ -51,8 +51,11 @@ def run_cost(run_dir: str) -> list:
     """Per stage of one SFD run: wall time, trajectories and forward-pass units (see the module docstring)."""
     with open(os.path.join(run_dir, "summary.json")) as handle:
         summary = json.load(handle)
-    stages, top = [], None
-    for stage in summary:
+    stages, top, seen = [], None, set()
+    for stage in summary:  # SFD-v: one summary row per NFE of the same stage (same totals): count the stage once
+        if stage["stage"] in seen:
+            continue
+        seen.add(stage["stage"])
         info = student_info(os.path.join(run_dir, stage["student"]))
         trajectories, updates = stage["iterations"] * stage["global_batch"], stage["updates"] * stage["global_batch"]
         if info.get("second_stage"):
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
     runs = sorted(d for d in os.listdir(args.sfd_run) if os.path.isfile(os.path.join(args.sfd_run, d, "summary.json")))
     costs = {run: run_cost(os.path.join(args.sfd_run, run)) for run in runs}
     lines += ["", "| run | stage | trajectories | updates | wall time (s) | forward-pass units | / PD 64 -> 1 units "
-              "| mse_to_teacher | teacher DDIM mse |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| mse to its own reference | teacher DDIM, same reference |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run, stages in costs.items():
         for s in stages:
             lines.append(f"| {run} | {s['stage']} | {s['trajectories']:,} | {s['updates']} | {s['time_s']:.0f} | "
@@ -204,7 +207,48 @@ def main(argv=None) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, os.path.join(args.output, "fid_vs_cost.png"))
+    if os.path.isfile(fidelity_path):
+        _fidelity_plots(load(fidelity_path)["rows"], pd_stages, pd_cum, costs, args)
     print("\n".join(lines))
+
+
+def _fidelity_plots(rows: list, pd_stages: list, pd_cum: dict, costs: dict, args) -> None:
+    """mse to the teacher's 64-step DDIM vs NFE and vs distillation cost: PD's students, SFD's, the teacher's DDIM."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
+
+    fig = Figure(figsize=(11, 4.2))
+    by_nfe, by_cost = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    pd_points = sorted((s["steps"], s["mse_to_teacher"], s["teacher_ddim_mse"]) for s in pd_stages)
+    by_nfe.plot([p[0] for p in pd_points], [p[1] for p in pd_points], marker="o", label="PD students")
+    by_nfe.plot([p[0] for p in pd_points], [p[2] for p in pd_points], marker=".", linestyle=":", label="teacher DDIM")
+    by_cost.plot([pd_cum[p[0]] for p in pd_points], [p[1] for p in pd_points], marker="o", label="PD (cumulative halvings)")
+    for i, run in enumerate(sorted({os.path.dirname(r["student"].rstrip("/")) for r in rows})):
+        color = f"C{(i + 2) % 10}"  # C0, C1: PD and the teacher
+        points = sorted((r["nfe"], r["mse_to_teacher"], r["student"]) for r in rows if os.path.dirname(r["student"].rstrip("/")) == run)
+        name = os.path.basename(run)
+        by_nfe.plot([p[0] for p in points], [p[1] for p in points], marker="s", color=color, label=f"SFD {name}")
+        stages = costs.get(name)
+        if stages:
+            units = [sum(s["forward_units"] for s in (stages if student_info(p[2]).get("second_stage") else stages[:1]))
+                     for p in points]
+            by_cost.scatter(units, [p[1] for p in points], marker="s", color=color, label=f"SFD {name}")
+            for u, p in zip(units, points):
+                by_cost.annotate(str(p[0]), (u, p[1]), textcoords="offset points", xytext=(4, 2), fontsize=7)
+    for p in pd_points:
+        by_cost.annotate(str(p[0]), (pd_cum[p[0]], p[1]), textcoords="offset points", xytext=(4, 2), fontsize=7)
+    by_nfe.set_xscale("log", base=2)
+    ticks = sorted({p[0] for p in pd_points} | {r["nfe"] for r in rows})
+    by_nfe.set_xticks(ticks, [str(n) for n in ticks])
+    by_cost.set_xscale("log")
+    by_cost.xaxis.set_minor_formatter(NullFormatter())
+    for ax, xlabel in [(by_nfe, "NFE"), (by_cost, "distillation cost (forward-pass units; labels: NFE)")]:
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mse to the teacher's 64-step DDIM")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    _save(fig, os.path.join(args.output, "fidelity_vs_nfe_and_cost.png"))
 
 
 def _save(fig, path: str) -> None:
