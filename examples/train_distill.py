@@ -186,12 +186,6 @@ def validate(args):
     if text_only:
         raise ValueError(f"--{text_only[0]} is for text-to-image teachers: {args.teacher} is no Stable Diffusion pipeline.")
     teacher, scheduler_config = load_teacher(args.teacher, args.teacher_scheduler, args.teacher_revision)
-    if teacher.config.num_class_embeds is not None:
-        return validate_class_conditional(args, teacher, dict(scheduler_config))
-    guidance_only = [name for name in GUIDANCE_FLAGS if name in args.given]
-    if guidance_only:
-        raise ValueError(f"--{guidance_only[0]} is for conditional teachers: {args.teacher} is an unconditional UNet2DModel "
-                         "(no num_class_embeds, no text encoder).")
     if args.method == "progressive" and args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Pass the teacher's training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or --train_data_dir DIR.")
     if teacher.config.out_channels != teacher.config.in_channels:
@@ -201,14 +195,30 @@ def validate(args):
         )
     # scheduler checks: prediction types, zero-SNR
     ProgressiveDistillationScheduler.from_config(scheduler_config)
+    if teacher.config.num_class_embeds is not None:
+        return validate_class_conditional(args, teacher, dict(scheduler_config))
+    guidance_only = [name for name in GUIDANCE_FLAGS if name in args.given]
+    if guidance_only:
+        raise ValueError(f"--{guidance_only[0]} is for conditional teachers: {args.teacher} is an unconditional UNet2DModel "
+                         "(no num_class_embeds, no text encoder).")
     if args.method == "sfd":
         return teacher, dict(scheduler_config), None
-    num_train_timesteps = ProgressiveDistillationScheduler.from_config(scheduler_config).config.num_train_timesteps
-    if args.start_steps > num_train_timesteps // 2:
+    check_start_steps(args.start_steps, scheduler_config)
+    return teacher, dict(scheduler_config), load_pixel_dataset(args, teacher)
+
+
+def check_start_steps(start_steps: int, scheduler_config) -> None:
+    """The first stage's teacher needs 2 x start_steps distinct timesteps: one clear error if the schedule has fewer."""
+    num_train_timesteps = int(scheduler_config["num_train_timesteps"])
+    if start_steps > num_train_timesteps // 2:
         raise ValueError(
-            f"--start_steps {args.start_steps}: the first stage's teacher needs 2 x {args.start_steps} distinct timesteps "
+            f"--start_steps {start_steps}: the first stage's teacher needs 2 x {start_steps} distinct timesteps "
             f"but the teacher has num_train_timesteps={num_train_timesteps}; use --start_steps {num_train_timesteps // 2} or less."
         )
+
+
+def load_pixel_dataset(args, teacher, label_column=None):
+    """The teacher's image data at its sample_size, checked, transformed to pixel_values (`label_column`: must exist)."""
     sample_size = teacher.config.sample_size
     args.resolution = args.resolution or sample_size
     if args.resolution != sample_size:
@@ -216,9 +226,12 @@ def validate(args):
     dataset, image_column = load_image_dataset(
         args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split, args.image_column, args.cache_dir
     )
+    if label_column is not None and label_column not in dataset.column_names:
+        raise ValueError(f"label column {label_column!r} not found; columns are {dataset.column_names}: pass the "
+                         "classes' column with `--label_column`.")
     validate_image_dataset(dataset, image_column, teacher.config.in_channels, args.resolution)
     dataset.set_transform(preprocess_batch_fn(image_column, args.resolution, teacher.config.in_channels, args.center_crop, random_flip=False))
-    return teacher, dict(scheduler_config), dataset
+    return dataset
 
 
 def validate_text_to_image(args):
@@ -235,10 +248,7 @@ def validate_text_to_image(args):
     if (args.guidance_iterations or args.iterations_per_stage) < 1:
         raise ValueError("--guidance_iterations must be at least 1.")
     ProgressiveDistillationScheduler.from_config(scheduler_config)  # schedule and prediction-type checks
-    num_train_timesteps = int(scheduler_config["num_train_timesteps"])
-    if args.start_steps > num_train_timesteps // 2:
-        raise ValueError(f"--start_steps {args.start_steps}: use {num_train_timesteps // 2} or less for this teacher's "
-                         f"num_train_timesteps={num_train_timesteps}.")
+    check_start_steps(args.start_steps, scheduler_config)
     unet, vae = components["unet"], components["vae"]
     args.resolution = args.resolution or unet.config.sample_size * vae_scale_factor(vae)
     check_resolution(args.resolution, vae)
@@ -262,21 +272,10 @@ def validate_class_conditional(args, teacher, scheduler_config):
         raise ValueError("Pass the teacher's labelled training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or "
                          "--train_data_dir DIR, with --label_column.")
     check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
-    ProgressiveDistillationScheduler.from_config(scheduler_config)
     stage_steps(args.start_steps, args.end_steps)
-    sample_size = teacher.config.sample_size
-    args.resolution = args.resolution or sample_size
-    if args.resolution != sample_size:
-        raise ValueError(f"--resolution {args.resolution} differs from the teacher's sample_size {sample_size}: drop it or pass {sample_size}.")
-    dataset, image_column = load_image_dataset(
-        args.dataset_name, args.dataset_config_name, args.train_data_dir, args.split, args.image_column, args.cache_dir)
-    if args.label_column not in dataset.column_names:
-        raise ValueError(f"label column {args.label_column!r} not found; columns are {dataset.column_names}: pass the "
-                         "classes' column with `--label_column`.")
-    validate_image_dataset(dataset, image_column, teacher.config.in_channels, args.resolution)
-    labels = torch.tensor(dataset[args.label_column])
-    dataset.set_transform(preprocess_batch_fn(image_column, args.resolution, teacher.config.in_channels, args.center_crop,
-                                              random_flip=False))
+    check_start_steps(args.start_steps, scheduler_config)
+    dataset = load_pixel_dataset(args, teacher, label_column=args.label_column)
+    labels = torch.tensor(dataset.with_format(columns=[args.label_column])[args.label_column])
     images = torch.cat([torch.stack(dataset[i:i + 1000]["pixel_values"]) for i in range(0, len(dataset), 1000)])
     conditioning = ClassConditioning(images.float().contiguous(), labels, num_class_embeds=teacher.config.num_class_embeds,
                                      null_class=args.null_class)

@@ -1,16 +1,15 @@
-"""Guided distillation of a text-to-image teacher (Meng et al., CVPR 2023) as a method of the training loop.
+"""Guided distillation of a conditional teacher (Meng et al., CVPR 2023) as a method of the training loop.
 
-Stage one (`--guidance_iterations` updates): the student is the teacher's UNet2DConditionModel with a zero-initialised
-guidance embedding (`time_cond_proj_dim`, fed `e(s - 1)` as `StableDiffusionPipeline` feeds it), trained to match
-the teacher's classifier-free-guided prediction at s ~ U[s_min, s_max] at all timesteps (`GuidedDistillationLoss`,
-the teacher's two passes as one batched forward). Stage two: progressive halvings start_steps/2, ..., end_steps of
-the guidance-conditioned student, the teacher side conditioned on the same s (`ProgressiveDistillationLoss` over
-`RawOutput(unet, encoder_hidden_states=c, timestep_cond=e(s - 1))`).
+Stage one (`--guidance_iterations` updates): the student is the teacher with a zero-initialised guidance input (for a
+UNet2DConditionModel the `time_cond_proj_dim` embedding, fed `e(s - 1)` as `StableDiffusionPipeline` feeds it; a
+UNet2DModel has none, so one scale is built into its weights), trained to match the teacher's classifier-free-guided
+prediction at s ~ U[s_min, s_max] at all timesteps (`GuidedDistillationLoss`, the teacher's two passes as one batched
+forward). Stage two: progressive halvings start_steps/2, ..., end_steps of that student, the teacher side conditioned
+on the same s (`ProgressiveDistillationLoss` over `RawOutput(unet, **cond)`).
 
-Every student is written as a full stock `StableDiffusionPipeline` folder (`export.save_stock_sd_pipeline`), which
-runs ONE UNet call per step at any guidance scale: the pipeline sees `time_cond_proj_dim` and skips its
-unconditional batch. Data are the teacher's own encodings of image-caption pairs (`text_image_data`), latents and
-text embeddings computed once.
+What differs between teacher kinds (data, condition, null condition, guidance input, export) is the condition
+adapter's (`conditioning.py`): text-to-image students are stock `StableDiffusionPipeline` folders that run ONE UNet
+call per step at any guidance scale; class-conditional ones are sampled by `ProgressiveDistillationPipeline`.
 """
 
 import copy

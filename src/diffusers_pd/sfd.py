@@ -264,8 +264,7 @@ class SimpleFastDistillation(DistillationMethod):
             top = self.losses[self.nfes[-1]]
             self.second_loss = SFDLoss.second_stage(student_grid(self.config, 1, grid), top.student_grid,
                                                     stage_one_afs=afs, loss=loss)
-        Denoiser(torch.nn.Identity(), self.config)  # the teacher's parameterization fits its schedule
-        self.scheduler = ProgressiveDistillationScheduler.from_config(self.config)
+        self.scheduler = ProgressiveDistillationScheduler.from_config(self.config)  # its parameterization fits its schedule
 
     @property
     def conditioned(self) -> bool:
