@@ -33,7 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from diffusers_pd.atomic import atomic_directory, atomic_write_text
 from diffusers_pd.clip_vocab import caption_words, write_clip_vocab
 from diffusers_pd.data import FASHION_MNIST_CLASSES, image_transform, load_fashion_mnist
-from diffusers_pd.guided import decode_latents, guided_ddim_samples
+from diffusers_pd.guided import guided_ddim_samples
 from diffusers_pd.pipeline import image_grid
 from diffusers_pd.text_image_data import encode_prompts, encode_text_image_dataset, write_captioned_imagefolder
 from diffusers_pd.training import linear_warmup_lr, set_lr
@@ -153,15 +153,30 @@ def train_unet(data, args, log) -> UNet2DConditionModel:
     return unet.eval()
 
 
+class PromptRows:
+    """The conditioning that `guided_ddim_samples` reads: fixed prompt embeddings, one per sample, and the empty one."""
+
+    def __init__(self, text: torch.Tensor, empty: torch.Tensor):
+        self.text, self.empty = text, empty
+
+    def validation_cond(self, batch_size: int, device) -> dict:
+        return {"encoder_hidden_states": self.text[:batch_size].to(device)}
+
+    def uncond(self, cond) -> dict:
+        text = cond["encoder_hidden_states"]
+        return {"encoder_hidden_states": self.empty.to(text).expand_as(text)}
+
+
 def sample_grid(components, scheduler_config, guidance_scale: float, per_prompt: int = 8, steps: int = 64) -> Image.Image:
     """One row per prompt: the teacher with CFG at `guidance_scale`, DDIM at `steps`."""
     prompts = class_prompts()
     text = encode_prompts(components["tokenizer"], components["text_encoder"], prompts).repeat_interleave(per_prompt, 0)
     empty = encode_prompts(components["tokenizer"], components["text_encoder"], [""])[0]
     noise = torch.randn((len(text), 4, UNET["sample_size"], UNET["sample_size"]), generator=torch.Generator().manual_seed(0))
-    latents = guided_ddim_samples(components["unet"], noise, scheduler_config=scheduler_config, num_steps=steps, text=text,
-                                  empty=empty, guidance_scale=guidance_scale)
-    images = ((decode_latents(components["vae"], latents) / 2 + 0.5).clamp(0, 1) * 255).round().byte()
+    latents = guided_ddim_samples(components["unet"], noise, scheduler_config=scheduler_config, num_steps=steps,
+                                  conditioning=PromptRows(text, empty), guidance_scale=guidance_scale, student=False)
+    vae = components["vae"]
+    images = ((vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1) * 255).round().byte()
     return image_grid([Image.fromarray(image[0].numpy(), "L") for image in images], cols=per_prompt)
 
 
