@@ -12,7 +12,8 @@
 
 Progressive distillation (Salimans & Ho, ICLR 2022): each stage halves the student's steps (N -> N/2) on the
 teacher's training data. SFD (Zhou et al., NeurIPS 2024): the student follows a DPM-Solver++ teacher's trajectories
-from pure noise (no data), one model for several NFEs with several --nfe. Every finished student is written to
+from pure noise (no data; a conditional teacher's captions or labels only, distilled at s = 1 and guided at
+sampling), one model for several NFEs with several --nfe. Every finished student is written to
 `output_dir/student-{N}steps/` as a pipeline folder that `DiffusionPipeline.from_pretrained` loads without this
 package. With no arguments it runs an offline CPU demo: the committed reference teacher (trained on scikit-learn's
 8x8 digits) distilled from 64 to 1 step in about 4 minutes.

@@ -68,6 +68,14 @@ def test_guided_stage_at_one_scale_then_halvings_give_class_conditional_students
             for t in scheduler.timesteps:
                 z = scheduler.step(pipe.unet(z, t, class_labels=labels).sample, t, z).prev_sample
         assert (ours - (z / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5, steps
+        # guidance on top (the pipeline's stock-scheduler path): labels and null class in one forward per step
+        guided = pipe(latents=latents, class_labels=labels, num_inference_steps=steps, guidance_scale=2.0, output_type="pt").images
+        z = latents
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                uncond, cond = pipe.unet(torch.cat([z, z]), t, class_labels=torch.tensor([10, 10, 1, 7])).sample.chunk(2)
+                z = scheduler.step(uncond + 2.0 * (cond - uncond), t, z).prev_sample
+        assert (guided - (z / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5 and (guided - ours).abs().max() > 1e-4, steps
         with pytest.raises(ValueError, match="Pass class_labels"):
             pipe(latents=latents, num_inference_steps=steps)
 

@@ -11,6 +11,9 @@ A `UNet2DModel` has no input for a guidance scale (its one conditioning slot hol
 student learns the teacher's guided output at ONE scale; stock diffusers has no pipeline that passes class labels to
 a `UNet2DModel`, so such students are sampled by `ProgressiveDistillationPipeline(class_labels=...)` (their model
 card says so).
+
+SFD (`sfd.py`) uses the same adapters for the condition of each trajectory (`batch`), its validation conditions and
+its students' export (`save` without a guidance range: guidance is applied at sampling, two predictions per step).
 """
 
 import copy
