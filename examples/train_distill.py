@@ -12,7 +12,8 @@
 
 Progressive distillation (Salimans & Ho, ICLR 2022): each stage halves the student's steps (N -> N/2) on the
 teacher's training data. SFD (Zhou et al., NeurIPS 2024): the student follows a DPM-Solver++ teacher's trajectories
-from pure noise (no data), one model for several NFEs with several --nfe. Every finished student is written to
+from pure noise (no data; a conditional teacher's captions or labels only, distilled at s = 1 and guided at
+sampling), one model for several NFEs with several --nfe. Every finished student is written to
 `output_dir/student-{N}steps/` as a pipeline folder that `DiffusionPipeline.from_pretrained` loads without this
 package. With no arguments it runs an offline CPU demo: the committed reference teacher (trained on scikit-learn's
 8x8 digits) distilled from 64 to 1 step in about 4 minutes.
@@ -29,8 +30,10 @@ REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
 
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "cache_dir", "resolution",
               "center_crop", "random_flip", "dataloader_num_workers")
-PD_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "prediction_type",
-            "parameterization_switch_steps", "conversion_stage", *DATA_FLAGS)
+PD_ONLY_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "prediction_type",
+                 "parameterization_switch_steps", "conversion_stage")
+PD_FLAGS = (*PD_ONLY_FLAGS, *DATA_FLAGS)
+GUIDED_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "guidance_embedding_dim")  # not SFD's
 GUIDANCE_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "label_column", "null_class")
 TEXT_FLAGS = ("guidance_embedding_dim", "caption_column", "proportion_empty_prompts")
 SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "num_trajectories", "grid", "second_stage",
@@ -110,11 +113,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     arguments.add_output_args(parser, output_dir="pd-output")
     args = parser.parse_args(argv)
     given = arguments.given_flags(parser, sys.argv[1:] if argv is None else argv)
-    foreign = [name for name in (SFD_FLAGS if args.method == "progressive" else PD_FLAGS + GUIDANCE_FLAGS + TEXT_FLAGS) if name in given]
+    # SFD takes the data flags (a conditional teacher's captions or labels); `validate` refuses them for an unconditional one
+    foreign = [name for name in (SFD_FLAGS if args.method == "progressive" else PD_ONLY_FLAGS + GUIDED_FLAGS) if name in given]
     args.given = given
     if foreign:
         other = "sfd" if args.method == "progressive" else "progressive"
-        hint = "(SFD needs no data)" if foreign[0] in DATA_FLAGS else f"or pass --method {other}"
+        hint = ("(SFD distils a conditional teacher at s = 1; pass guidance_scale when sampling its students)"
+                if foreign[0] in GUIDED_FLAGS else f"or pass --method {other}")
         parser.error(f"--{foreign[0]} is not a flag of --method {args.method}: drop it {hint}.")
     if args.learning_rate is None:
         args.learning_rate = DEFAULT_LEARNING_RATE[args.method]
@@ -202,6 +207,10 @@ def validate(args):
         raise ValueError(f"--{guidance_only[0]} is for conditional teachers: {args.teacher} is an unconditional UNet2DModel "
                          "(no num_class_embeds, no text encoder).")
     if args.method == "sfd":
+        data_flags = [name for name in DATA_FLAGS if name in args.given]
+        if data_flags:
+            raise ValueError(f"--{data_flags[0]} is not a flag of --method sfd for an unconditional teacher: drop it (SFD needs "
+                             "no data; only a conditional teacher's captions or labels).")
         return teacher, dict(scheduler_config), None
     check_start_steps(args.start_steps, scheduler_config)
     return teacher, dict(scheduler_config), load_pixel_dataset(args, teacher)
@@ -235,20 +244,20 @@ def load_pixel_dataset(args, teacher, label_column=None):
 
 
 def validate_text_to_image(args):
-    """The checks of a Stable Diffusion teacher: returns (its unet, scheduler config, (components, image-caption data))."""
-    if args.method == "sfd":
-        raise ValueError("--method sfd does not take text-to-image teachers yet: use --method progressive (guided distillation).")
+    """The checks of a Stable Diffusion teacher: returns (its unet, scheduler config, (components, image-caption data)).
+    SFD reads the same data for its captions (the trajectories' conditions)."""
     components, scheduler_config = load_sd_teacher(args.teacher, args.teacher_revision)
     if args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Pass the teacher's image-caption data: --train_data_dir DIR (an imagefolder with metadata.jsonl) "
                          "or --dataset_name NAME, with --caption_column.")
-    check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}.")
-    if (args.guidance_iterations or args.iterations_per_stage) < 1:
-        raise ValueError("--guidance_iterations must be at least 1.")
     ProgressiveDistillationScheduler.from_config(scheduler_config)  # schedule and prediction-type checks
-    check_start_steps(args.start_steps, scheduler_config)
+    if args.method == "progressive":
+        check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
+        if (args.guidance_iterations or args.iterations_per_stage) < 1:
+            raise ValueError("--guidance_iterations must be at least 1.")
+        check_start_steps(args.start_steps, scheduler_config)
     unet, vae = components["unet"], components["vae"]
     args.resolution = args.resolution or unet.config.sample_size * vae_scale_factor(vae)
     check_resolution(args.resolution, vae)
@@ -262,18 +271,18 @@ def validate_text_to_image(args):
 
 
 def validate_class_conditional(args, teacher, scheduler_config):
-    """The checks of a class-conditional UNet2DModel teacher: returns (teacher, config, ClassConditioning of its data)."""
-    if args.method == "sfd":
-        raise ValueError("--method sfd does not take class-conditional teachers yet: use --method progressive (guided distillation).")
+    """The checks of a class-conditional UNet2DModel teacher: returns (teacher, config, ClassConditioning of its data).
+    SFD reads the same data for its labels (the trajectories' conditions)."""
     if teacher.config.class_embed_type is not None:
         raise ValueError(f"The teacher's class_embed_type is {teacher.config.class_embed_type!r}: only integer labels "
                          "(num_class_embeds, class_embed_type None) are supported.")
     if args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Pass the teacher's labelled training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or "
                          "--train_data_dir DIR, with --label_column.")
-    check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
-    stage_steps(args.start_steps, args.end_steps)
-    check_start_steps(args.start_steps, scheduler_config)
+    if args.method == "progressive":
+        check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
+        stage_steps(args.start_steps, args.end_steps)
+        check_start_steps(args.start_steps, scheduler_config)
     dataset = load_pixel_dataset(args, teacher, label_column=args.label_column)
     labels = torch.tensor(dataset.with_format(columns=[args.label_column])[args.label_column])
     images = torch.cat([torch.stack(dataset[i:i + 1000]["pixel_values"]) for i in range(0, len(dataset), 1000)])
@@ -299,7 +308,8 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
         components, data = dataset
         dataset = TextConditioning(components, data, embedding_dim=args.guidance_embedding_dim,
                                    proportion_empty_prompts=args.proportion_empty_prompts)
-    if isinstance(dataset, (TextConditioning, ClassConditioning)):  # guided distillation, then halvings
+    conditioning = dataset if isinstance(dataset, (TextConditioning, ClassConditioning)) else None
+    if conditioning is not None and args.method == "progressive":  # guided distillation, then halvings
         return GuidedDistillation(
             dataset, scheduler_config, guidance_scale_min=args.guidance_scale_min, guidance_scale_max=args.guidance_scale_max,
             guidance_iterations=args.guidance_iterations or args.iterations_per_stage,
@@ -326,6 +336,7 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
         afs=args.afs, teacher_solver=args.teacher_solver, teacher_steps_per_step=args.teacher_steps_per_step,
         loss=args.loss, grid=args.grid, learning_rate=args.learning_rate, second_stage=args.second_stage,
         second_stage_iterations=math.ceil(second / global_batch), second_stage_learning_rate=args.second_stage_learning_rate,
+        conditioning=conditioning,
     )
 
 
@@ -404,6 +415,8 @@ def distill(args, argv) -> dict:
         text_to_image = isinstance(dataset, tuple)
         if not text_to_image:
             method = make_method(args, scheduler_config, dataset, teacher, launch.launched_process_count())
+        elif args.method == "sfd":  # SFD's own checks (NFE, grids) now, before encoding the data writes its cache
+            make_method(args, scheduler_config, None, teacher, launch.launched_process_count())
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
     output_dir = Path(args.output_dir)

@@ -42,6 +42,25 @@ def test_folded_unet_equals_the_conditioned_one(tmp_path, nfe):
         torch.testing.assert_close(reloaded(z, t).sample, conditioned, atol=1e-6, rtol=0)
 
 
+def test_folded_conditional_unet_equals_the_conditioned_one():
+    """SFD-v of a Stable Diffusion teacher: the same slot and fold in a UNet2DConditionModel (text input kept)."""
+    from diffusers import UNet2DConditionModel
+    from tiny_sd import TEXT_DIM, tiny_cond_unet
+
+    teacher = tiny_cond_unet()
+    student = add_step_embedding(teacher, max_nfe=4)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t, text = torch.tensor([999.0, 250.5]), torch.randn(2, 16, TEXT_DIM, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(student(z, t, text, class_labels=torch.tensor([3, 3])).sample, teacher(z, t, text).sample)
+        torch.nn.init.normal_(student.class_embedding.weight, std=0.5)
+        folded = fold_step_embedding(student, 3)
+        assert type(folded) is UNet2DConditionModel and folded.config.num_class_embeds is None
+        conditioned = student(z, t, text, class_labels=torch.tensor([3, 3])).sample
+        assert (conditioned - student(z, t, text, class_labels=torch.tensor([1, 1])).sample).abs().max() > 1e-3
+        torch.testing.assert_close(folded(z, t, text).sample, conditioned, atol=1e-6, rtol=0)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="already has a class embedding"):
         add_step_embedding(tiny_unet(num_class_embeds=10), max_nfe=5)

@@ -5,9 +5,15 @@ scale s into the student's weights, then the halvings follow with the same label
 from `ProgressiveDistillationPipeline(class_labels=...)` equal an independent DDIM loop of diffusers' own
 DDIMScheduler over the student with those labels; bad input is refused in one line. (The guided loss itself is tested
 against a direct two-call formula, exactly 0 for the untrained student at s = 1, in tests/test_guided_distillation.py.)
+
+`--method sfd` on the same teacher distils at s = 1 (each trajectory conditioned on a label of the data) and guides at
+sampling: `ProgressiveDistillationPipeline(class_labels=..., guidance_scale=s)` makes NFE UNet calls of batch 2 x labels
+(the analytic first step, then labels and null class in one forward) and equals an independent loop: the analytic
+step written out (eps-hat = z) and diffusers' own DPMSolverMultistepScheduler of the folder, guiding the raw outputs.
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -62,8 +68,78 @@ def test_guided_stage_at_one_scale_then_halvings_give_class_conditional_students
             for t in scheduler.timesteps:
                 z = scheduler.step(pipe.unet(z, t, class_labels=labels).sample, t, z).prev_sample
         assert (ours - (z / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5, steps
+        # guidance on top (the pipeline's stock-scheduler path): labels and null class in one forward per step
+        guided = pipe(latents=latents, class_labels=labels, num_inference_steps=steps, guidance_scale=2.0, output_type="pt").images
+        z = latents
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                uncond, cond = pipe.unet(torch.cat([z, z]), t, class_labels=torch.tensor([10, 10, 1, 7])).sample.chunk(2)
+                z = scheduler.step(uncond + 2.0 * (cond - uncond), t, z).prev_sample
+        assert (guided - (z / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5 and (guided - ours).abs().max() > 1e-4, steps
         with pytest.raises(ValueError, match="Pass class_labels"):
             pipe(latents=latents, num_inference_steps=steps)
+
+
+def test_sfd_student_of_a_class_conditional_teacher_is_guided_at_sampling(class_teacher, tmp_path):
+    out = tmp_path / "out"
+    result = run(distill_command(*TINY, "--method", "sfd", "--teacher", class_teacher, "--nfe", 2, "--num_trajectories", 16,
+                                 "--teacher_steps_per_step", 2, "--learning_rate", 1e-3, "--output_dir", out),
+                 script_env(tmp_path / "hf_home"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["steps"] for row in summary] == [2] and math.isfinite(summary[0]["mse_to_teacher"])
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    folder = out / "student-2steps"
+    info = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_diffusers_pd"]
+    assert (info["method"], info["class_conditional"], info["null_class"], info["guidance_scale_folded"]) == ("sfd", True, 10, None)
+    assert (info["afs"], info["num_inference_steps"], info["grid"]) == (True, 3, "lu")
+    card = (folder / "README.md").read_text()
+    assert "guidance_scale=s)" in card and "null class 10" in card
+    pipe = ProgressiveDistillationPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    labels, s = torch.tensor([1, 7]), 3.0
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    ours = pipe(latents=latents, class_labels=labels, guidance_scale=s, output_type="pt").images
+    assert calls == [4, 4]  # NFE 2: the analytic first step, then one forward of labels + null class per step
+    calls.clear()
+    plain = pipe(latents=latents, class_labels=labels, output_type="pt").images
+    assert calls == [2, 2] and (plain - ours).abs().max() > 1e-3  # s = 1: no guidance, and guidance matters
+
+    scheduler = DPMSolverMultistepScheduler.from_pretrained(folder, subfolder="scheduler")
+    scheduler.set_timesteps(3)
+    edm = scheduler.sigmas.double()
+    alpha, sigma = 1 / (1 + edm**2).sqrt(), edm / (1 + edm**2).sqrt()
+    z = latents.double()
+    x = (z - sigma[0] * z) / alpha[0]  # the analytic first step: eps-hat = z
+    z = (alpha[1] * x + sigma[1] * z).float()
+    null = torch.full_like(labels, 10)
+    with torch.no_grad():
+        for t in scheduler.timesteps[1:]:
+            uncond, cond = pipe.unet(torch.cat([z, z]), t, class_labels=torch.cat([null, labels])).sample.chunk(2)
+            z = scheduler.step(uncond + s * (cond - uncond), t, z).prev_sample
+    assert (ours - (z / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
+
+
+SFD_BAD_INPUTS = {
+    "sfd_v": (["--nfe", "2", "3"], r"This UNet already has a class embedding .*: SFD-v needs that slot for the step count; "
+                                   r"distil one student per NFE instead"),
+    "guidance_flag": (["--guidance_scale_max", "3"], r"--guidance_scale_max is not a flag of --method sfd: drop it \(SFD "
+                                                     r"distils a conditional teacher at s = 1"),
+    "no_null_class": (["--null_class", "9"], r"needs a null class that no image has"),
+}
+
+
+@pytest.mark.parametrize("case", list(SFD_BAD_INPUTS))
+def test_bad_class_conditional_sfd_input_fails_once_clearly_before_writing_anything(case, class_teacher, tmp_path):
+    extra, message = SFD_BAD_INPUTS[case]
+    out = tmp_path / "out"
+    result = run(distill_command(*TINY, "--method", "sfd", "--teacher", class_teacher, "--output_dir", out, *extra),
+                 script_env(tmp_path / "hf_home"))
+    assert_refused(result, message, out)
 
 
 BAD_INPUTS = {

@@ -177,7 +177,11 @@ BAD_INPUTS = {
                                        r"--second_stage distils stage one's student into 1 NFE: stage one needs --nfe 2 or more"),
     "accumulation": (["--gradient_accumulation_steps", "2"], r"--gradient_accumulation_steps: SFD updates once per student step"),
     "pd_flag": (["--start_steps", "8"], r"--start_steps is not a flag of --method sfd: drop it or pass --method progressive"),
-    "data_flag": (["--dataset_name", "digits"], r"--dataset_name is not a flag of --method sfd: drop it \(SFD needs no data\)"),
+    "data_flag": (["--dataset_name", "digits"], r"--dataset_name is not a flag of --method sfd for an unconditional teacher: "
+                                                r"drop it \(SFD needs no data; only a conditional teacher's captions or labels\)"),
+    "guidance_flag": (["--guidance_scale_max", "3"], r"--guidance_scale_max is not a flag of --method sfd: drop it \(SFD "
+                                                     r"distils a conditional teacher at s = 1"),
+    "label_flag": (["--label_column", "label"], r"--label_column is for conditional teachers"),
     "sfd_flag_with_pd": (["--method", "progressive", "--dataset_name", "digits", "--nfe", "4"],
                          r"--nfe is not a flag of --method progressive"),
     "unknown_solver": (["--teacher_solver", "euler"], r"argument --teacher_solver: invalid choice: 'euler'"),

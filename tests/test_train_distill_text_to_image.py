@@ -7,6 +7,11 @@ Checked against independent references:
   the project's own DDIM over a `Denoiser` with the student's text embeddings and e(s - 1);
 * kill -9 and a rerun of the same command across the guided stage = the uninterrupted run (1e-6);
 * the teacher's encodings are cached in output_dir (one file);
+* `--method sfd` (SFD-v, AFS, second stage) on the same teacher and captions: its students are stock
+  StableDiffusionPipeline folders whose `pipe(prompt, negative_prompt=..., num_inference_steps=N, guidance_scale=2.5)`
+  makes N UNet calls of batch 2 x prompts (classifier-free guidance at sampling) and returns the latents of the
+  project's own CFG Euler sampler on the student's grid with the same text and negative-text embeddings; the
+  project's sampler with the analytic first step makes NFE such calls;
 * bad input: one line, nothing written.
 """
 
@@ -29,6 +34,7 @@ from tiny_sd import save_tiny_sd_pipeline
 from diffusers_pd import Denoiser
 from diffusers_pd.grids import student_grid
 from diffusers_pd.guidance import guidance_timestep_cond
+from diffusers_pd.sfd import sfd_student_samples
 from diffusers_pd.solvers import ddim_trajectory
 
 CAPTIONS = ["a photo of sneaker", "a bag", "a shirt", "a dress", "a photo of bag", "shirt", "a photo of dress", "sneaker"]
@@ -51,6 +57,27 @@ for folder, steps in json.loads(sys.argv[1]):
     text, _ = pipe.encode_prompt(["a photo of bag", "a dress"], "cpu", 1, False)
     np.savez(f"{folder}/stock.npz", latents=latents.numpy(), text=text.numpy(), calls=np.array(calls))
     print(type(pipe).__name__, type(pipe.scheduler).__name__)
+assert "diffusers_pd" not in sys.modules
+"""
+
+
+STOCK_SD_CFG = """
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+torch.set_grad_enabled(False)
+prompts, negative = ["a photo of bag", "a dress"], ["shirt", "a photo of sneaker"]
+for folder, steps in json.loads(sys.argv[1]):
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    latents = pipe(prompts, negative_prompt=negative, num_inference_steps=steps, guidance_scale=2.5, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    text, negative_text = pipe.encode_prompt(prompts, "cpu", 1, True, negative)
+    np.savez(f"{folder}/stock.npz", latents=latents.numpy(), text=text.numpy(), negative_text=negative_text.numpy(),
+             calls=np.array(calls))
+    print(type(pipe).__name__, type(pipe.scheduler).__name__, pipe.unet.config.num_class_embeds)
 assert "diffusers_pd" not in sys.modules
 """
 
@@ -109,6 +136,56 @@ def test_guided_then_halved_students_run_in_stock_stable_diffusion_at_one_call_p
         assert (ours - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), folder
 
 
+def test_sfd_students_of_a_text_to_image_teacher_apply_guidance_in_stock_stable_diffusion(sd_teacher, captions, tmp_path):
+    out = tmp_path / "out"
+    result = run(distill_command("--method", "sfd", "--report_to", "none", "--num_grid_images", "1", "--seed", "3",
+                                 "--num_validation_samples", "2", "--teacher", sd_teacher, "--train_data_dir", captions,
+                                 "--nfe", 2, 3, "--second_stage", "--num_trajectories", 8, "--train_batch_size", 4,
+                                 "--teacher_steps_per_step", 2, "--learning_rate", 1e-3, "--output_dir", out),
+                 script_env(tmp_path / "hf_home"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "SFD-v of" in result.stdout and "distilled at s = 1" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["steps"] for row in summary] == [2, 3, 1] and all(np.isfinite(row["mse_to_teacher"]) for row in summary)
+    assert (out / "encoded_data.safetensors").is_file()
+
+    steps = {2: 3, 3: 4, 1: 1}  # stock steps: NFE + 1 with AFS (stage one), 1 for the second stage
+    folders = [(str(out / f"student-{nfe}steps"), n) for nfe, n in steps.items()]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    stock = subprocess.run([sys.executable, "-c", STOCK_SD_CFG, json.dumps(folders)], capture_output=True, text=True,
+                           env={**env, "OMP_NUM_THREADS": "1"})
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    assert stock.stdout.split() == ["StableDiffusionPipeline", "DPMSolverMultistepScheduler", "None"] * 3  # SFD-v folded
+
+    from diffusers import DiffusionPipeline
+
+    teacher = unet_weights(sd_teacher)
+    for folder, n in folders:
+        saved = np.load(f"{folder}/stock.npz")
+        assert list(saved["calls"]) == [4] * n  # one UNet call of batch 2 x prompts per step: CFG at sampling
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        info = pipe.scheduler.config["_diffusers_pd"]
+        assert (info["method"], info["grid"], info["num_inference_steps"], info["stock_exact"]) == ("sfd", "lu", n, True)
+        assert info["distilled_guidance_scale"] == 1.0 and pipe.unet.config.time_cond_proj_dim is None
+        card = (Path(folder) / "README.md").read_text()
+        assert "Negative prompts work" in card and f"{n} UNet calls of 2 x the prompts" in card
+        assert max_abs_diff(unet_weights(Path(folder)), teacher) > 1e-6  # it trained
+        latents = pipe.prepare_latents(2, 4, 16, 16, torch.float32, "cpu", torch.Generator().manual_seed(0))
+        text, negative = torch.from_numpy(saved["text"]), torch.from_numpy(saved["negative_text"])
+        guided = dict(guidance_scale=2.5, uncond={"encoder_hidden_states": negative}, encoder_hidden_states=text)
+        ours = sfd_student_samples(pipe.unet, latents, scheduler_config=pipe.scheduler.config, num_steps=n, grid="lu", **guided)
+        reference = torch.from_numpy(saved["latents"])
+        assert (ours - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), folder
+        if info["afs"]:  # the paper's NFE with the project's sampler: one batched CFG call per network step
+            calls = []
+            hook = pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+            with_afs = sfd_student_samples(pipe.unet, latents, scheduler_config=pipe.scheduler.config, num_steps=n, grid="lu",
+                                           afs=True, **guided)
+            hook.remove()
+            assert calls == [4] * info["nfe"] and (with_afs - ours).abs().max() > 1e-4
+            assert f"makes {info['nfe']} UNet calls" in card
+
+
 def test_sigkilled_guided_run_resumes_to_the_same_students(sd_teacher, captions, tmp_path):
     common = [*TINY, "--teacher", sd_teacher, "--train_data_dir", captions, "--start_steps", 4, "--end_steps", 2,
               "--iterations_per_stage", 4, "--guidance_iterations", 4]
@@ -153,7 +230,11 @@ BAD_INPUTS = {
                         r"--guidance_scale_min 4.0 exceeds --guidance_scale_max 2.0: swap them"),
     "caption_column": (["--train_data_dir", "{captions}", "--caption_column", "prompt"], r"caption column 'prompt' not found"),
     "resolution": (["--train_data_dir", "{captions}", "--resolution", "32"], r"--resolution 32 gives 16-pixel latents"),
-    "sfd": (["--method", "sfd"], r"--method sfd does not take text-to-image teachers yet"),
+    "sfd_without_captions": (["--method", "sfd"], r"Pass the teacher's image-caption data: --train_data_dir DIR"),
+    "sfd_guidance_flag": (["--method", "sfd", "--train_data_dir", "{captions}", "--guidance_embedding_dim", "8"],
+                          r"--guidance_embedding_dim is not a flag of --method sfd: drop it \(SFD distils a conditional "
+                          r"teacher at s = 1; pass guidance_scale when sampling its students\)"),
+    "sfd_nfe": (["--method", "sfd", "--train_data_dir", "{captions}", "--nfe", "0"], r"NFE must be a positive integer"),
 }
 
 

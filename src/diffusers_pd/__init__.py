@@ -26,7 +26,7 @@ _EXPORTS = {
     "fold_guidance_embedding": "guidance", "guidance_scale_embedding": "guidance", "guidance_timestep_cond": "guidance",
     "null_class_labels": "guidance",
     "GRID_KINDS": "grids", "Grid": "grids", "nested_indices": "grids", "student_grid": "grids", "teacher_grid": "grids",
-    "SFDLoss": "sfd", "check_nfe": "sfd", "sfd_sample": "sfd", "step_count_cond": "sfd",
+    "SFDLoss": "sfd", "check_nfe": "sfd", "sfd_sample": "sfd", "sfd_student_samples": "sfd", "step_count_cond": "sfd",
     "TEACHER_SOLVERS": "solvers", "ddim_trajectory": "solvers", "dpm_solver_pp_trajectory": "solvers",
     "heun_trajectory": "solvers", "solve": "solvers",
     "add_step_embedding": "step_embedding", "fold_step_embedding": "step_embedding",

@@ -11,6 +11,9 @@ A `UNet2DModel` has no input for a guidance scale (its one conditioning slot hol
 student learns the teacher's guided output at ONE scale; stock diffusers has no pipeline that passes class labels to
 a `UNet2DModel`, so such students are sampled by `ProgressiveDistillationPipeline(class_labels=...)` (their model
 card says so).
+
+SFD (`sfd.py`) uses the same adapters for the condition of each trajectory (`batch`), its validation conditions and
+its students' export (`save` without a guidance range: guidance is applied at sampling, two predictions per step).
 """
 
 import copy
@@ -78,9 +81,11 @@ class TextConditioning:
         parameter = next(vae.parameters())
         return vae.decode(latents.to(parameter.device, parameter.dtype) / vae.config.scaling_factor).sample.float()
 
-    def save(self, folder, unet, num_steps: int, *, scheduler_config, guidance_scale_min: float, guidance_scale_max: float,
-             teacher_prediction_type=None, **kwargs):
-        """A full stock StableDiffusionPipeline folder of the student (the teacher's vae, text encoder, tokenizer)."""
+    def save(self, folder, unet, num_steps: int, *, scheduler_config, guidance_scale_min: Optional[float] = None,
+             guidance_scale_max: Optional[float] = None, teacher_prediction_type=None, **kwargs):
+        """A full stock StableDiffusionPipeline folder of the student (the teacher's vae, text encoder, tokenizer);
+        `guidance_scale_min/max`: the range a guidance-conditioned student learnt (None: a student without guidance
+        input, which the pipeline guides at two predictions per step)."""
         from .export import save_stock_sd_pipeline
 
         return save_stock_sd_pipeline(folder, self.components, unet, num_steps, scheduler_config,
@@ -139,14 +144,16 @@ class ClassConditioning:
         """Pixel samples are images."""
         return samples
 
-    def save(self, folder, unet, num_steps: int, *, scheduler_config, guidance_scale_min: float, guidance_scale_max: float,
-             prediction_type: str, **kwargs):
-        """A DDPMPipeline folder with the class-conditional metadata (sampled by ProgressiveDistillationPipeline)."""
+    def save(self, folder, unet, num_steps: int, *, scheduler_config, prediction_type: str,
+             guidance_scale_min: Optional[float] = None, guidance_scale_max: Optional[float] = None,
+             method: str = "guided_distillation", **kwargs):
+        """A DDPMPipeline folder with the class-conditional metadata (sampled by ProgressiveDistillationPipeline);
+        `guidance_scale_max`: the one scale built into a guided student's weights (None: guidance at sampling)."""
         from .export import save_student
         from .scheduler import ProgressiveDistillationScheduler
 
         scheduler = ProgressiveDistillationScheduler.from_config(scheduler_config, prediction_type=prediction_type)
-        return save_student(folder, unet, scheduler, num_steps, method="guided_distillation", class_conditional=True,
+        return save_student(folder, unet, scheduler, num_steps, method=method, class_conditional=True,
                             null_class=self.null_class, guidance_scale_folded=guidance_scale_max, **kwargs)
 
 

@@ -314,20 +314,33 @@ METHOD_NAMES = {
 }
 
 
-def sampling_note(info: Dict[str, Any]) -> str:
+def class_conditional_note(info: Dict[str, Any]) -> str:
+    """The model card's words on sampling a class-conditional student: guidance built in, or applied at sampling."""
+    usage = ("Stock diffusers has no pipeline that passes class labels to a `UNet2DModel`: sample it with "
+             "`diffusers_pd.ProgressiveDistillationPipeline.from_pretrained(folder)(class_labels=torch.tensor([...])")
+    if info.get("guidance_scale_folded") is not None:
+        return (f"\n\nA class-conditional student with classifier-free guidance at s = {info['guidance_scale_folded']} built "
+                f"into its weights (one UNet call per step). {usage})` (the stock usage below cannot pass them).")
+    return (f"\n\nA class-conditional student distilled at s = 1 (the conditional prediction). {usage}, guidance_scale=s)`, "
+            f"which applies classifier-free guidance at s > 1 against the null class {info.get('null_class')}: two predictions "
+            "per step (the labels' and the null class's) from ONE UNet forward of twice the batch (one prediction at "
+            "s = 1). The stock usage below cannot pass labels.")
+
+
+def sampling_note(info: Dict[str, Any], text_to_image: bool = False) -> str:
     """The model card's words on how an SFD or class-conditional student samples (empty for an unconditional PD one)."""
-    if info.get("class_conditional"):
-        return (
-            f"\n\nA class-conditional student with classifier-free guidance at s = {info.get('guidance_scale_folded')} built "
-            "into its weights (one UNet call per step). Stock diffusers has no pipeline that passes class labels to a "
-            "`UNet2DModel`: sample it with `diffusers_pd.ProgressiveDistillationPipeline.from_pretrained(folder)"
-            "(class_labels=torch.tensor([...]))` (the stock usage below cannot pass them)."
-        )
+    note = class_conditional_note(info) if info.get("class_conditional") else ""
     if info.get("method") != "sfd":
-        return ""
+        return note
     steps, nfe = info["num_inference_steps"], info.get("nfe", info["num_inference_steps"])
-    note = f"\n\nSFD student on the `{info.get('grid', 'trailing')}` grid, teacher solver `{info.get('teacher_solver')}`."
-    if info.get("afs"):
+    note += f"\n\nSFD student on the `{info.get('grid', 'trailing')}` grid, teacher solver `{info.get('teacher_solver')}`."
+    if info.get("afs") and text_to_image:
+        note += (
+            f" It was trained with an analytic first step (AFS): its own sampler makes {nfe} UNet calls per prediction "
+            f"(`diffusers_pd.sfd_student_samples(..., afs=True)`), while `StableDiffusionPipeline` calls the UNet at every one "
+            f"of its {steps} steps ({steps} calls, the first replacing the analytic step, which it was not trained for)."
+        )
+    elif info.get("afs"):
         note += (
             f" It was trained with an analytic first step (AFS): its own sampler makes {nfe} network calls "
             f"(`diffusers_pd.ProgressiveDistillationPipeline.from_pretrained(...)()`), while a stock diffusers "
@@ -407,7 +420,7 @@ SD_MODEL_CARD = """{front_matter}
 
 A {steps}-step text-to-image student of `{teacher}`, distilled with {method_name} using `diffusers_pd`.
 It is a full `StableDiffusionPipeline` (no safety checker) that predicts `{prediction_type}` and samples with
-deterministic DDIM on its own {steps}-step grid (timesteps {timesteps}).
+deterministic DDIM on its own {steps}-step grid (timesteps {timesteps}).{sampling_note}
 
 ![samples](samples.png)
 
@@ -451,13 +464,27 @@ def guidance_card_note(info: Dict[str, Any]) -> str:
             "`guidance_scale=1.0` (one UNet call per step); a larger value would apply guidance a second time, at two "
             "calls per step. Negative prompts are unsupported."
         )
+    if info.get("method") == "sfd":
+        steps = info["num_inference_steps"]
+        return (
+            "Distilled at s = 1 (the conditional prediction, as SFD distils Stable Diffusion); classifier-free guidance is "
+            f"applied at sampling, at any s. With `guidance_scale=s > 1` the pipeline predicts for the prompt and for the "
+            f"empty (or negative) prompt in ONE UNet forward of twice the batch per step: {steps} UNet calls of 2 x the "
+            f"prompts, 2 x {steps} predictions per image; with `guidance_scale=1`, {steps} calls of the prompts. Negative "
+            "prompts work (`negative_prompt=...` replaces the empty prompt's prediction), unlike with a guidance-conditioned "
+            "student; the student learnt the conditional trajectories (and the empty prompt's only with "
+            "`--proportion_empty_prompts`), so its unconditional prediction is the teacher's as training left it."
+        )
     return "The student was distilled without guidance; `guidance_scale > 1` applies classifier-free guidance at two UNet calls per step."
 
 
 def sd_model_card_text(info: Dict[str, Any], repo_or_folder: str, training: Optional[Dict[str, Any]] = None) -> str:
     """A Hub model card (YAML metadata + usage + guidance) for a saved text-to-image student described by `info`."""
     fields = card_fields(info, repo_or_folder, training, pipeline_tag="text-to-image", default_method="guided_distillation")
+    fields["sampling_note"] = sampling_note(info, text_to_image=True)
     example_scale = info["guidance_scale_max"] if info.get("guidance_embedding_dim") is not None else 1.0
+    if info.get("method") == "sfd":
+        example_scale = 3.0  # guidance is applied at sampling: any s
     return SD_MODEL_CARD.format(**fields, example_scale=example_scale, guidance_note=guidance_card_note(info))
 
 

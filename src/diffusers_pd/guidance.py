@@ -27,6 +27,14 @@ def cfg_combine(*, uncond, cond, guidance_scale):
     return cond + (guidance_scale - 1) * (cond - uncond)
 
 
+def guided_model_output(unet, sample: torch.Tensor, timestep, *, guidance_scale, uncond, **cond) -> torch.Tensor:
+    """u + s (c - u) of the raw outputs of ONE forward on the doubled batch [sample; sample] with [uncond; cond] for the
+    keys of `uncond` (the others shared), as StableDiffusionPipeline guides its `noise_pred`."""
+    both = {key: torch.cat([uncond.get(key, value), value]) for key, value in cond.items()}
+    uncond_output, cond_output = unet(torch.cat([sample, sample]), timestep, **both).sample.chunk(2)
+    return cfg_combine(uncond=uncond_output, cond=cond_output, guidance_scale=guidance_scale)
+
+
 def guidance_scale_embedding(w, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """e(w) = [sin(1000 w f_k), cos(1000 w f_k)], f_k = 10000^(-k / (dim/2 - 1)), k < dim/2, zero-padded to odd dim (VDM)."""
     w = torch.as_tensor(w).reshape(-1) * 1000.0

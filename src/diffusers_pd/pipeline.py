@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 
 from .export import save_stock_pipeline
+from .guidance import guided_model_output, null_class_labels
 from .scheduler import METADATA_KEY, ProgressiveDistillationScheduler
 
 
@@ -48,16 +49,22 @@ def denoise(
     latents: torch.Tensor,
     num_inference_steps: int,
     progress: Optional[callable] = None,
+    guidance_scale: float = 1.0,
+    uncond: Optional[dict] = None,
     **cond,
 ) -> torch.Tensor:
     """Run any diffusers scheduler from noise `latents` for `num_inference_steps` steps; returns the final sample
-    (`cond`: the UNet's extra inputs, e.g. `class_labels`)."""
+    (`cond`: the UNet's extra inputs, e.g. `class_labels`; `guidance_scale` > 1: classifier-free guidance against
+    `uncond`, one forward of the doubled batch per step, as diffusers' pipelines guide)."""
     scheduler.set_timesteps(num_inference_steps, device=latents.device)
     sample = latents * scheduler.init_noise_sigma
     timesteps: Iterable = scheduler.timesteps if progress is None else progress(scheduler.timesteps)
     for t in timesteps:
         model_input = scheduler.scale_model_input(sample, t)
-        model_output = unet(model_input, t, **cond).sample
+        if guidance_scale > 1:
+            model_output = guided_model_output(unet, model_input, t, guidance_scale=guidance_scale, uncond=uncond, **cond)
+        else:
+            model_output = unet(model_input, t, **cond).sample
         sample = scheduler.step(model_output, t, sample).prev_sample
     return sample
 
@@ -69,7 +76,9 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
     (as saved by `save_student`) is converted to `ProgressiveDistillationScheduler` with the same schedule, so
     `ProgressiveDistillationPipeline.from_pretrained(student_folder)` samples exactly what the student learned.
     An SFD student (`"method": "sfd"` in its metadata) is sampled at its own step count on its own grid with its
-    analytic first step, if it was trained with one (`sfd.sfd_student_samples`): the paper's NFE.
+    analytic first step, if it was trained with one (`sfd.sfd_student_samples`): the paper's NFE. A class-conditional
+    student takes `class_labels`, and `guidance_scale` > 1 applies classifier-free guidance against its null class
+    (both predictions from one forward of the doubled batch per step).
 
     `save_pretrained` and `push_to_hub` write the stock folder (`export.save_stock_pipeline`): a `DDPMPipeline` that
     plain diffusers loads with `DiffusionPipeline.from_pretrained`, never a folder naming this class.
@@ -97,6 +106,7 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         class_labels: Optional[torch.Tensor] = None,
+        guidance_scale: float = 1.0,
     ) -> Union[ImagePipelineOutput, tuple]:
         """Sample `batch_size` images in `num_inference_steps` (default: the student's own) DDIM steps.
 
@@ -104,6 +114,8 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
             latents (`torch.Tensor`, *optional*): initial noise; drawn from `generator` as DDPMPipeline does if None.
             output_type (`str`): `"pil"`, `"np"` or `"pt"` (images in [0, 1]).
             class_labels (`torch.Tensor`, *optional*): one class per image, for a class-conditional student.
+            guidance_scale (`float`): classifier-free guidance scale s (diffusers' convention, none at s <= 1) against
+                the student's null class (`null_class` in its metadata, else its last class embedding).
         """
         num_inference_steps = num_inference_steps or student_steps(self.scheduler)
         if num_inference_steps is None:
@@ -116,13 +128,20 @@ class ProgressiveDistillationPipeline(DiffusionPipeline):
             latents = initial_noise(self.unet, batch_size, generator=generator, device=self._execution_device)
         latents = latents.to(self._execution_device)
         metadata = self.scheduler.config.get(METADATA_KEY) or {}
+        guidance = {}
+        if guidance_scale > 1:
+            if class_labels is None:
+                raise ValueError("guidance_scale > 1 needs a class-conditional student and class_labels: an unconditional "
+                                 "student has no condition to guide; pass guidance_scale=1.")
+            null = null_class_labels(self.unet, len(cond["class_labels"]), metadata.get("null_class"))
+            guidance = {"guidance_scale": guidance_scale, "uncond": {"class_labels": null}}
         if metadata.get("method") == "sfd" and num_inference_steps == metadata["num_inference_steps"]:
             from .sfd import sfd_student_samples  # an SFD student: its own grid, its analytic first step
 
             sample = sfd_student_samples(self.unet, latents, scheduler_config=self.scheduler.config, num_steps=num_inference_steps,
-                                         grid=metadata.get("grid", "trailing"), afs=metadata.get("afs", False))
+                                         grid=metadata.get("grid", "trailing"), afs=metadata.get("afs", False), **guidance, **cond)
         else:
-            sample = denoise(self.unet, self.scheduler, latents, num_inference_steps, self.progress_bar, **cond)
+            sample = denoise(self.unet, self.scheduler, latents, num_inference_steps, self.progress_bar, **guidance, **cond)
         image = (sample / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
@@ -223,10 +242,11 @@ def image_grid(images: List[Image.Image], cols: int, min_size: int = 64, gutter:
 
 
 @torch.no_grad()
-def ddim_samples(unet: UNet2DModel, latents: torch.Tensor, *, scheduler_config, num_steps: int) -> torch.Tensor:
-    """Deterministic DDIM samples of `unet` from `latents` on the `num_steps` trailing grid of `scheduler_config`."""
+def ddim_samples(unet: UNet2DModel, latents: torch.Tensor, *, scheduler_config, num_steps: int, **cond) -> torch.Tensor:
+    """Deterministic DDIM samples of `unet` from `latents` on the `num_steps` trailing grid of `scheduler_config`
+    (`cond`: the UNet's extra inputs)."""
     with evaluating(unet):
-        return denoise(unet, ProgressiveDistillationScheduler.from_config(dict(scheduler_config)), latents, num_steps)
+        return denoise(unet, ProgressiveDistillationScheduler.from_config(dict(scheduler_config)), latents, num_steps, **cond)
 
 
 def mean_squared_distance(samples: torch.Tensor, reference: torch.Tensor) -> float:

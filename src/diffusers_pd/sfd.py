@@ -23,16 +23,22 @@ L2, or pseudo-Huber sqrt(||d||^2 + c^2) - c with c = 0.00054 sqrt(dim) (Song & D
 
 The second stage (1 NFE) is the same object with the stage-one student as the teacher and its own sampler (DDIM,
 with its AFS) as the teacher solver on its own grid: `SFDLoss.second_stage`.
+
+Conditional teachers (a Stable Diffusion pipeline, a class-conditional UNet2DModel; `conditioning.py`): each trajectory
+gets a condition drawn from the data's captions or labels, and the teacher's trajectory and the student's steps are
+both conditioned on it at guidance scale s = 1 (the plain conditional prediction, no unconditional pass in training),
+as the paper distils Stable Diffusion; classifier-free guidance is applied at sampling, at any s, two predictions per
+step as one batched forward (`sfd_student_samples(..., guidance_scale=s, uncond=...)`).
 """
 
 import copy
 import math
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .denoiser import Denoiser
+from .denoiser import Denoiser, GuidedDenoiser
 from .grids import Grid, nested_indices, student_grid, teacher_grid
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
 from .pipeline import ddim_samples, evaluating
@@ -170,25 +176,38 @@ def trajectory_end(z: torch.Tensor, grid: Grid, solver: str, denoiser: DenoiserF
 
 
 @torch.no_grad()
-def solver_samples(unet, latents: torch.Tensor, *, scheduler_config, solver: str, grid: Grid) -> torch.Tensor:
-    """Samples of `unet` from `latents` with a teacher `solver` on `grid` (the SFD runs' reference)."""
+def solver_samples(unet, latents: torch.Tensor, *, scheduler_config, solver: str, grid: Grid, **cond) -> torch.Tensor:
+    """Samples of `unet` from `latents` with a teacher `solver` on `grid` (the SFD runs' reference); `cond`: its inputs."""
     with evaluating(unet):
-        return trajectory_end(latents, grid, solver, Denoiser(unet, scheduler_config))
+        return trajectory_end(latents, grid, solver, Denoiser(unet, scheduler_config), **cond)
 
 
 @torch.no_grad()
 def sfd_student_samples(unet, latents: torch.Tensor, *, scheduler_config, num_steps: int, grid: str = "trailing",
-                        afs: bool = False) -> torch.Tensor:
-    """A saved SFD student's samples: one Euler (DDIM) step per interval of its N-step `grid`, the first analytic with `afs`."""
+                        afs: bool = False, guidance_scale: float = 1.0, uncond: Optional[Mapping] = None,
+                        **cond) -> torch.Tensor:
+    """A saved SFD student's samples: one Euler (DDIM) step per interval of its N-step `grid`, the first analytic with
+    `afs`; conditioned on `cond`, with classifier-free guidance at `guidance_scale` > 1 (as diffusers: none at s <= 1)
+    against the null condition `uncond`, both predictions from one batched forward per step (`GuidedDenoiser`)."""
     with evaluating(unet):
-        return sfd_sample(Denoiser(unet, scheduler_config), student_grid(scheduler_config, num_steps, grid), latents, afs=afs)
+        denoiser = Denoiser(unet, scheduler_config)
+        if guidance_scale > 1:
+            denoiser, cond = GuidedDenoiser(denoiser), {**cond, "guidance_scale": guidance_scale, "uncond": uncond}
+        return sfd_sample(denoiser, student_grid(scheduler_config, num_steps, grid), latents, afs=afs, **cond)
+
+
+@torch.no_grad()
+def on_validation_conditions(unet, latents: torch.Tensor, *, sampler: Callable, conditioning) -> torch.Tensor:
+    """`sampler(unet, latents, **cond)` on the conditioning's fixed validation conditions, at s = 1 (no guidance)."""
+    return sampler(unet, latents, **conditioning.validation_cond(latents.shape[0], latents.device))
 
 
 class SFDBatch(Batch):
     """One iteration of SFD: a global batch of teacher trajectories from pure noise and the student's steps along them.
 
-    The step count (SFD-v) and the noise are pure functions of (seed, stage, iteration); each process takes its rows.
-    Update u trains the student's step `trained_steps[u]` from where its previous step left it (detached).
+    The step count (SFD-v), the noise and (conditional teachers) each trajectory's condition are pure functions of
+    (seed, stage, iteration); each process takes its rows. Update u trains the student's step `trained_steps[u]` from
+    where its previous step left it (detached); teacher and student see the same condition, at s = 1.
     """
 
     def __init__(self, method: "SimpleFastDistillation", stage: Stage, iteration: int, teacher, ctx: LoopContext):
@@ -196,6 +215,7 @@ class SFDBatch(Batch):
         self.nfe = method.draw_nfe(stage, generator)
         noise = torch.randn((ctx.global_batch_size, *method.sample_shape), generator=generator)
         self.noise = ctx.rank_slice(noise).to(ctx.device)
+        self.data_cond = method.trajectory_cond(generator, ctx)
         self.method, self.teacher = method, teacher
         self.loss_fn = method.loss_for(stage, self.nfe)
         self.cond = method.student_cond(stage, self.nfe, self.noise.shape[0], ctx.device)
@@ -206,9 +226,10 @@ class SFDBatch(Batch):
     def loss(self, student, update: int, micro: int) -> torch.Tensor:
         """Per-sample loss of the student's step `trained_steps[update]` (the teacher's trajectory drawn at update 0)."""
         if update == 0:
-            self.targets = self.loss_fn.teacher_targets(self.method.denoiser(self.teacher), self.noise)
+            self.targets = self.loss_fn.teacher_targets(self.method.denoiser(self.teacher), self.noise, **self.data_cond)
             self.z = self.loss_fn.first_state(self.noise)
-        loss, self.z = self.loss_fn(self.method.denoiser(student), self.z, self.steps[update], self.targets, **self.cond)
+        loss, self.z = self.loss_fn(self.method.denoiser(student), self.z, self.steps[update], self.targets,
+                                    **self.data_cond, **self.cond)
         return loss
 
 
@@ -226,6 +247,10 @@ class SimpleFastDistillation(DistillationMethod):
         learning_rate: Adam's learning rate, x 0.1 at half of each stage's budget (as the official code).
         second_stage: add a 1-NFE stage whose teacher is stage one's largest-NFE student with its own sampler.
         second_stage_iterations, second_stage_learning_rate: its budget and learning rate.
+        conditioning: a conditional teacher's adapter (`TextConditioning`, `ClassConditioning`): each trajectory is
+            conditioned on a caption or label drawn from its data, at s = 1; its students are saved as that adapter
+            saves them (a stock StableDiffusionPipeline; a class-conditional DDPMPipeline folder) and sampled with
+            classifier-free guidance at any s. None: an unconditional teacher.
     """
 
     name = "sfd"
@@ -235,9 +260,10 @@ class SimpleFastDistillation(DistillationMethod):
     def __init__(self, scheduler_config: Mapping, sample_shape, *, nfes, iterations: int, afs: bool = True,
                  teacher_solver: str = "dpm_solver_3m", teacher_steps_per_step: int = 4, loss: str = "l1",
                  grid: str = "trailing", learning_rate: float = 5e-5, second_stage: bool = False,
-                 second_stage_iterations: Optional[int] = None, second_stage_learning_rate: float = 5e-4):
+                 second_stage_iterations: Optional[int] = None, second_stage_learning_rate: float = 5e-4, conditioning=None):
         self.config = dict(scheduler_config)
         self.sample_shape = tuple(sample_shape)
+        self.conditioning = conditioning
         self.nfes = sorted(set(int(nfe) for nfe in nfes))
         if not self.nfes or len(self.nfes) != len(list(nfes)):
             raise ValueError(f"--nfe {' '.join(map(str, nfes))}: pass one or more distinct step counts, e.g. --nfe 4 or --nfe 2 3 4 5.")
@@ -274,7 +300,8 @@ class SimpleFastDistillation(DistillationMethod):
     def title(self, teacher: str) -> str:
         kind = "SFD-v" if self.conditioned else "SFD"
         second = " + second stage (1 NFE)" if self.second_stage else ""
-        return f"{kind} of {teacher}: {', '.join(map(str, self.nfes))} NFE{second}"
+        condition = "" if self.conditioning is None else f" (conditional, {self.conditioning.key}, distilled at s = 1)"
+        return f"{kind} of {teacher}{condition}: {', '.join(map(str, self.nfes))} NFE{second}"
 
     def stages(self) -> List[Stage]:
         name = f"{'SFD-v' if self.conditioned else 'SFD'}: {', '.join(map(str, self.nfes))} NFE"
@@ -301,6 +328,15 @@ class SimpleFastDistillation(DistillationMethod):
         """The stage's `SFDLoss` for `nfe`."""
         return self.second_loss if stage.index == 1 else self.losses[nfe]
 
+    def trajectory_cond(self, generator: torch.Generator, ctx: LoopContext) -> Dict[str, torch.Tensor]:
+        """Each trajectory's condition, drawn uniformly from the data (captions, with `--proportion_empty_prompts`
+        dropped to the empty prompt; labels), this process's rows; {} for an unconditional teacher."""
+        if self.conditioning is None:
+            return {}
+        indices = torch.randint(len(self.conditioning), (ctx.global_batch_size,), generator=generator)
+        _, cond = self.conditioning.batch(indices, generator=generator)
+        return {key: ctx.rank_slice(value).to(ctx.device) for key, value in cond.items()}
+
     def student_cond(self, stage: Stage, nfe: int, batch_size: int, device) -> Mapping:
         """The student's extra inputs: the NFE label for an SFD-v student, nothing otherwise."""
         return step_count_cond(nfe, batch_size, device, conditioned=stage.index == 0 and self.conditioned)
@@ -312,15 +348,25 @@ class SimpleFastDistillation(DistillationMethod):
     def batch(self, stage: Stage, iteration: int, teacher, ctx: LoopContext) -> Batch:
         return SFDBatch(self, stage, iteration, teacher, ctx)
 
+    def validated(self, sampler: Callable) -> Callable:
+        """`sampler` on the conditioning's validation conditions (s = 1) for a conditional teacher, else as it is."""
+        if self.conditioning is None:
+            return sampler
+        return partial(on_validation_conditions, sampler=sampler, conditioning=self.conditioning)
+
     def finished(self, nfe: int, unet, loss_fn: SFDLoss, afs: bool, **metadata) -> FinishedStudent:
-        """A student of `nfe` network calls on `loss_fn`'s grid, with the sampler it was trained for."""
+        """A student of `nfe` network calls on `loss_fn`'s grid, with the sampler it was trained for; a conditional
+        teacher's students are saved by its adapter (`conditioning.save`)."""
         num_steps = loss_fn.student_grid.num_steps
-        return FinishedStudent(
-            nfe, unet, self.scheduler, num_inference_steps=num_steps,
-            sampler=partial(sfd_student_samples, scheduler_config=self.config, num_steps=num_steps, grid=self.grid_kind, afs=afs),
-            save_kwargs=dict(method="sfd", grid=self.grid_kind, nfe=nfe, afs=afs, loss=self.loss,
-                             teacher_prediction_type=self.config["prediction_type"], **metadata),
-        )
+        sampler = partial(sfd_student_samples, scheduler_config=self.config, num_steps=num_steps, grid=self.grid_kind, afs=afs)
+        save_kwargs = dict(method="sfd", grid=self.grid_kind, nfe=nfe, afs=afs, loss=self.loss,
+                           teacher_prediction_type=self.config["prediction_type"], **metadata)
+        saver = None
+        if self.conditioning is not None:
+            saver = partial(self.conditioning.save, scheduler_config=self.config)
+            save_kwargs.update(prediction_type=self.config["prediction_type"], distilled_guidance_scale=1.0)
+        return FinishedStudent(nfe, unet, self.scheduler, num_inference_steps=num_steps, sampler=self.validated(sampler),
+                               save_kwargs=save_kwargs, saver=saver)
 
     def finish_stage(self, stage: Stage, student) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
         """Stage one: a student per NFE (SFD-v: its embedding folded in); the largest is the second stage's teacher."""
@@ -338,12 +384,17 @@ class SimpleFastDistillation(DistillationMethod):
         return {"teacher trajectories": stage.iterations * global_batch, "global batch size": global_batch,
                 "learning rate": f"{lr} (x 0.1 at half of the budget)", "loss": self.loss,
                 "teacher solver": f"{self.teacher_solver}, K = {self.teacher_steps_per_step}" if stage.index == 0 else
-                "stage-one student, its own sampler"}
+                "stage-one student, its own sampler",
+                **({} if self.conditioning is None else {"condition": f"{self.conditioning.key} from the data, at s = 1"})}
+
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        return samples if self.conditioning is None else self.conditioning.decode(samples)
 
     def reference_sampler(self):
-        """The teacher's solver on the fine grid of the largest-NFE student: that student's training target."""
-        return partial(solver_samples, scheduler_config=self.config, solver=self.teacher_solver,
-                       grid=self.losses[self.nfes[-1]].teacher_grid)
+        """The teacher's solver on the fine grid of the largest-NFE student: that student's training target (a
+        conditional teacher: on the validation conditions, at s = 1)."""
+        return self.validated(partial(solver_samples, scheduler_config=self.config, solver=self.teacher_solver,
+                                      grid=self.losses[self.nfes[-1]].teacher_grid))
 
     def teacher_baseline(self, nfe: int):
-        return partial(ddim_samples, scheduler_config=self.config, num_steps=nfe)
+        return self.validated(partial(ddim_samples, scheduler_config=self.config, num_steps=nfe))
