@@ -33,7 +33,8 @@ DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_co
 PD_ONLY_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "prediction_type",
                  "parameterization_switch_steps", "conversion_stage")
 PD_FLAGS = (*PD_ONLY_FLAGS, *DATA_FLAGS)
-GUIDED_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "guidance_embedding_dim")  # not SFD's
+GUIDED_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "guidance_embedding_dim",
+                "fold_guidance_scale")  # not SFD's
 GUIDANCE_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "label_column", "null_class")
 TEXT_FLAGS = ("guidance_embedding_dim", "caption_column", "proportion_empty_prompts")
 SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "num_trajectories", "grid", "second_stage",
@@ -103,6 +104,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="A class-conditional teacher's unconditional label (for guidance); None: its last class embedding.")
     group.add_argument("--guidance_embedding_dim", type=int, default=256,
                        help="Size of the students' guidance embedding (`time_cond_proj_dim`).")
+    group.add_argument("--fold_guidance_scale", action="store_true",
+                       help="Text-to-image, with --guidance_scale_min = --guidance_scale_max: save each student with that "
+                       "scale folded into its time-embedding bias, a plain UNet2DConditionModel (no time_cond_proj_dim) "
+                       "that StableDiffusionPipeline runs at guidance_scale=1, one UNet call per step.")
     group.add_argument("--caption_column", type=str, default="text", help="Column holding the captions.")
     group.add_argument("--proportion_empty_prompts", type=float, default=0.0,
                        help="Share of captions replaced by the empty prompt, drawn per batch.")
@@ -145,7 +150,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from diffusers_pd import ProgressiveDistillationScheduler, checkpoints, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_text  # noqa: E402
 from diffusers_pd.data import load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
-from diffusers_pd.guidance import check_guidance_range  # noqa: E402
+from diffusers_pd.guidance import check_foldable_range, check_guidance_range  # noqa: E402
 from diffusers_pd.conditioning import ClassConditioning, TextConditioning  # noqa: E402
 from diffusers_pd.guided import GuidedDistillation  # noqa: E402
 from diffusers_pd.lora import add_lora, fuse_lora  # noqa: E402
@@ -200,6 +205,11 @@ def validate(args):
         )
     # scheduler checks: prediction types, zero-SNR
     ProgressiveDistillationScheduler.from_config(scheduler_config)
+    if "fold_guidance_scale" in args.given:
+        raise ValueError("--fold_guidance_scale is for text-to-image teachers: " + (
+            "a class-conditional UNet2DModel has no guidance input, so its students already build their one scale "
+            "(--guidance_scale_min = --guidance_scale_max) into their weights; drop it."
+            if teacher.config.num_class_embeds is not None else f"{args.teacher} is an unconditional UNet2DModel; drop it."))
     if teacher.config.num_class_embeds is not None:
         return validate_class_conditional(args, teacher, dict(scheduler_config))
     guidance_only = [name for name in GUIDANCE_FLAGS if name in args.given]
@@ -255,6 +265,8 @@ def validate_text_to_image(args):
     ProgressiveDistillationScheduler.from_config(scheduler_config)  # schedule and prediction-type checks
     if args.method == "progressive":
         check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
+        if args.fold_guidance_scale:
+            check_foldable_range(args.guidance_scale_min, args.guidance_scale_max)
         if (args.guidance_iterations or args.iterations_per_stage) < 1:
             raise ValueError("--guidance_iterations must be at least 1.")
         check_start_steps(args.start_steps, scheduler_config)
@@ -307,7 +319,8 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
     if isinstance(dataset, tuple):  # a text-to-image teacher's encodings
         components, data = dataset
         dataset = TextConditioning(components, data, embedding_dim=args.guidance_embedding_dim,
-                                   proportion_empty_prompts=args.proportion_empty_prompts)
+                                   proportion_empty_prompts=args.proportion_empty_prompts,
+                                   fold_guidance_scale=args.fold_guidance_scale)
     conditioning = dataset if isinstance(dataset, (TextConditioning, ClassConditioning)) else None
     if conditioning is not None and args.method == "progressive":  # guided distillation, then halvings
         return GuidedDistillation(

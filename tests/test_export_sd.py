@@ -117,7 +117,7 @@ def test_saved_students_sample_in_plain_diffusers_at_n_calls_as_our_sampler(stud
     card = (tmp_path / "conditioned-4" / "README.md").read_text()
     assert "pipeline_tag: text-to-image" in card and "Negative prompts are unsupported" in card and "[1.0, 5.0]" in card
     assert "num_inference_steps=4, guidance_scale=5.0" in card and str(tmp_path) not in card
-    assert "pass `guidance_scale=1.0`" in (tmp_path / "folded-4" / "README.md").read_text()
+    assert "Call the pipeline with `guidance_scale=1`" in (tmp_path / "folded-4" / "README.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # atomic: no temporary folder left
 
 

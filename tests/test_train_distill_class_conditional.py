@@ -148,6 +148,9 @@ BAD_INPUTS = {
     "no_null_class": (["--null_class", "9"], r"needs a null class that no image has"),
     "label_column": (["--label_column", "digit"], r"label column 'digit' not found"),
     "text_flag": (["--caption_column", "text"], r"--caption_column is for text-to-image teachers"),
+    "fold_flag": (["--guidance_scale_min", "3", "--guidance_scale_max", "3", "--fold_guidance_scale"],
+                  r"--fold_guidance_scale is for text-to-image teachers: a class-conditional UNet2DModel has no guidance "
+                  r"input, so its students already build their one scale"),
 }
 
 

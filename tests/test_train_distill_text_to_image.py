@@ -5,6 +5,11 @@ Checked against independent references:
   as a StableDiffusionPipeline whose `pipe(prompt, num_inference_steps=N, guidance_scale=s)` makes exactly N UNet
   calls of batch = prompts (the guidance embedding makes it skip the unconditional batch) and returns the latents of
   the project's own DDIM over a `Denoiser` with the student's text embeddings and e(s - 1);
+* with one scale and `--fold_guidance_scale`, every student is a plain UNet2DConditionModel (no time_cond_proj_dim)
+  that differs from the same run's unfolded student only in `time_embedding.linear_1.bias`, equals it fed e(3 - 1) to
+  1e-6 (float64), and whose `pipe(prompt, num_inference_steps=N, guidance_scale=1)` in a process without diffusers_pd
+  makes N UNet calls of batch = prompts, ignores negative prompts and returns the project's DDIM at s = 3 on the
+  unfolded student;
 * kill -9 and a rerun of the same command across the guided stage = the uninterrupted run (1e-6);
 * the teacher's encodings are cached in output_dir (one file);
 * `--method sfd` (SFD-v, AFS, second stage) on the same teacher and captions: its students are stock
@@ -46,19 +51,31 @@ import json, sys
 import numpy as np, torch
 from diffusers import DiffusionPipeline
 torch.set_grad_enabled(False)
-out = {}
-for folder, steps in json.loads(sys.argv[1]):
+prompts = ["a photo of bag", "a dress"]
+for folder, steps, guidance_scale in json.loads(sys.argv[1]):
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     calls = []
     pipe.unet.register_forward_hook(lambda module, args, kwargs=None, output=None: calls.append(args[0].shape[0]))
-    latents = pipe(["a photo of bag", "a dress"], num_inference_steps=steps, guidance_scale=2.5, output_type="latent",
-                   generator=torch.Generator().manual_seed(0)).images
-    text, _ = pipe.encode_prompt(["a photo of bag", "a dress"], "cpu", 1, False)
-    np.savez(f"{folder}/stock.npz", latents=latents.numpy(), text=text.numpy(), calls=np.array(calls))
-    print(type(pipe).__name__, type(pipe.scheduler).__name__)
+    sample = dict(num_inference_steps=steps, guidance_scale=guidance_scale, output_type="latent")
+    latents = pipe(prompts, generator=torch.Generator().manual_seed(0), **sample).images
+    negative = pipe(prompts, negative_prompt=["shirt", "a photo of sneaker"], generator=torch.Generator().manual_seed(0),
+                    **sample).images
+    text, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+    np.savez(f"{folder}/stock.npz", latents=latents.numpy(), negative=negative.numpy(), text=text.numpy(),
+             calls=np.array(calls))
+    print(type(pipe).__name__, type(pipe.scheduler).__name__, type(pipe.unet).__name__, pipe.unet.config.time_cond_proj_dim)
 assert "diffusers_pd" not in sys.modules
 """
+
+
+def stock_sd_run(jobs) -> list:
+    """STOCK_SD on [(folder, steps, guidance_scale), ...] in a process without diffusers_pd: its printed words per folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    stock = subprocess.run([sys.executable, "-c", STOCK_SD, json.dumps([[str(f), n, s] for f, n, s in jobs])],
+                           capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"})
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    return [line.split() for line in stock.stdout.splitlines()]
 
 
 STOCK_SD_CFG = """
@@ -111,17 +128,15 @@ def test_guided_then_halved_students_run_in_stock_stable_diffusion_at_one_call_p
     assert (out / "encoded_data.safetensors").is_file()
 
     folders = [(str(out / "student-4steps"), 4), (str(out / "student-2steps"), 2)]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    stock = subprocess.run([sys.executable, "-c", STOCK_SD, json.dumps(folders)], capture_output=True, text=True,
-                           env={**env, "OMP_NUM_THREADS": "1"})
-    assert stock.returncode == 0, stock.stderr[-3000:]
-    assert stock.stdout.split()[0::2] == ["StableDiffusionPipeline"] * 2
+    printed = stock_sd_run([(folder, steps, 2.5) for folder, steps in folders])
+    assert [words[0] for words in printed] == ["StableDiffusionPipeline"] * 2 and [w[-1] for w in printed] == ["8"] * 2
 
     from diffusers import DiffusionPipeline
 
     for folder, steps in folders:
         saved = np.load(f"{folder}/stock.npz")
-        assert list(saved["calls"]) == [2] * steps  # one UNet call of batch = prompts per step, at s = 2.5
+        assert list(saved["calls"]) == [2] * (2 * steps)  # one UNet call of batch = prompts per step, at s = 2.5 (x 2 runs)
+        np.testing.assert_array_equal(saved["negative"], saved["latents"])  # the pipeline never evaluates a negative prompt
         pipe = DiffusionPipeline.from_pretrained(folder)
         info = pipe.scheduler.config["_diffusers_pd"]
         assert (info["guidance_scale_min"], info["guidance_scale_max"]) == (1.0, 3.0)
@@ -132,6 +147,60 @@ def test_guided_then_halved_students_run_in_stock_stable_diffusion_at_one_call_p
         with torch.no_grad():
             ours = ddim_trajectory(Denoiser(pipe.unet.eval(), pipe.scheduler.config), latents, grid, encoder_hidden_states=text,
                                    timestep_cond=guidance_timestep_cond(2.5, 8, batch_size=2))[-1]
+        reference = torch.from_numpy(saved["latents"])
+        assert (ours - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), folder
+
+
+def test_folded_guidance_scale_students_are_plain_sd_unets_sampled_at_guidance_scale_1(sd_teacher, captions, tmp_path):
+    # one scale s = 3 (the later flags win over TINY's range); a large learning rate makes the guidance input matter
+    common = [*TINY, "--guidance_scale_min", 3, "--guidance_scale_max", 3, "--teacher", sd_teacher, "--train_data_dir",
+              captions, "--start_steps", 4, "--end_steps", 2, "--iterations_per_stage", 2, "--guidance_iterations", 3,
+              "--learning_rate", 3e-2]
+    folded_out, conditioned_out = tmp_path / "folded", tmp_path / "conditioned"  # the same run, saved folded or not
+    for out, extra in ((folded_out, ["--fold_guidance_scale"]), (conditioned_out, [])):
+        result = run(distill_command(*common, *extra, "--output_dir", out), script_env(tmp_path / "hf_home"))
+        assert result.returncode == 0, result.stderr[-4000:]
+
+    folders = [(folded_out / "student-4steps", 4), (folded_out / "student-2steps", 2)]
+    printed = stock_sd_run([(folder, steps, 1) for folder, steps in folders])
+    assert printed == [["StableDiffusionPipeline", "DDIMScheduler", "UNet2DConditionModel", "None"]] * 2  # a plain SD UNet
+
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    for folder, steps in folders:
+        saved = np.load(folder / "stock.npz")
+        assert list(saved["calls"]) == [2] * (2 * steps)  # N calls of batch = prompts per run: no unconditional batch
+        np.testing.assert_array_equal(saved["negative"], saved["latents"])  # negative prompts have no effect
+        info = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["_diffusers_pd"]
+        assert (info["guidance_scale_folded"], info["guidance_embedding_dim"], info["guidance_scale_max"]) == (3.0, None, None)
+        card = (folder / "README.md").read_text()
+        assert "s = 3.0 is built into the weights" in card and "Call the pipeline with `guidance_scale=1`" in card
+        assert "Negative prompts have no effect" in card and "guidance_scale=1.0).images" in card
+
+        # the fold is exact: the plain UNet equals the same run's guidance-conditioned student fed e(3 - 1)
+        folded = UNet2DConditionModel.from_pretrained(folder / "unet").double()
+        conditioned = UNet2DConditionModel.from_pretrained(conditioned_out / folder.name / "unet").double()
+        weights, conditioned_weights = unet_weights(folder), unet_weights(conditioned_out / folder.name)
+        assert set(conditioned_weights) - set(weights) == {"time_embedding.cond_proj.weight"}
+        assert [k for k in weights if not torch.equal(weights[k], conditioned_weights[k])] == ["time_embedding.linear_1.bias"]
+        generator = torch.Generator().manual_seed(steps)
+        z, text = torch.randn(3, 4, 8, 8, generator=generator).double(), torch.randn(3, 16, 32, generator=generator).double()
+        t = torch.tensor([999.0, 500.0, 20.0], dtype=torch.float64)
+        cond = guidance_timestep_cond(3.0, 8, batch_size=3).double()
+        with torch.no_grad():
+            expected, plain = conditioned(z, t, text, timestep_cond=cond).sample, folded(z, t, text).sample
+            unfolded = conditioned(z, t, text, timestep_cond=torch.zeros_like(cond)).sample  # cond_proj dropped, bias kept
+        torch.testing.assert_close(plain, expected, atol=1e-6, rtol=0)
+        assert (unfolded - expected).abs().max() > 1e-3  # the guidance input trained: the fold is not a no-op
+
+        # the stock latents at guidance_scale=1 are the project's student sampler at s = 3 on the unfolded student
+        pipe = DiffusionPipeline.from_pretrained(folder)
+        latents = pipe.prepare_latents(2, 4, 16, 16, torch.float32, "cpu", torch.Generator().manual_seed(0))
+        grid = student_grid(pipe.scheduler.config, steps, "trailing")
+        with torch.no_grad():
+            ours = ddim_trajectory(Denoiser(conditioned.float().eval(), pipe.scheduler.config), latents, grid,
+                                   encoder_hidden_states=torch.from_numpy(saved["text"]),
+                                   timestep_cond=guidance_timestep_cond(3.0, 8, batch_size=2))[-1]
         reference = torch.from_numpy(saved["latents"])
         assert (ours - reference).abs().max() <= 1e-5 * max(1.0, reference.abs().max().item()), folder
 
@@ -235,6 +304,13 @@ BAD_INPUTS = {
                           r"--guidance_embedding_dim is not a flag of --method sfd: drop it \(SFD distils a conditional "
                           r"teacher at s = 1; pass guidance_scale when sampling its students\)"),
     "sfd_nfe": (["--method", "sfd", "--train_data_dir", "{captions}", "--nfe", "0"], r"NFE must be a positive integer"),
+    "fold_range": (["--train_data_dir", "{captions}", "--guidance_scale_min", "1", "--guidance_scale_max", "5",
+                    "--fold_guidance_scale"],
+                   r"--fold_guidance_scale builds ONE guidance scale into the students, got the range \[1.0, 5.0\]: pass "
+                   r"--guidance_scale_min = --guidance_scale_max"),
+    "fold_default_range": (["--train_data_dir", "{captions}", "--fold_guidance_scale"], r"got the range \[1.0, 5.0\]"),
+    "sfd_fold": (["--method", "sfd", "--train_data_dir", "{captions}", "--fold_guidance_scale"],
+                 r"--fold_guidance_scale is not a flag of --method sfd: drop it \(SFD distils a conditional teacher at s = 1"),
 }
 
 
@@ -248,11 +324,14 @@ def test_bad_text_to_image_input_fails_once_clearly_before_writing_anything(case
     assert_refused(result, message, out)
 
 
-def test_guidance_flags_with_an_unconditional_teacher_are_refused(tmp_path):
+@pytest.mark.parametrize("flags, message", [
+    (["--guidance_scale_max", "4"], r"--guidance_scale_max is for conditional teachers"),
+    (["--fold_guidance_scale"], r"--fold_guidance_scale is for text-to-image teachers: .* is an unconditional UNet2DModel"),
+])
+def test_guidance_flags_with_an_unconditional_teacher_are_refused(flags, message, tmp_path):
     from conftest import save_tiny_teacher
 
     teacher = save_tiny_teacher(tmp_path / "eps")
-    result = run(distill_command("--report_to", "none", "--teacher", teacher, "--dataset_name", "digits",
-                                 "--guidance_scale_max", "4", "--output_dir", tmp_path / "out"), script_env(tmp_path / "hf_home"))
-    assert result.returncode != 0 and "--guidance_scale_max is for conditional teachers" in result.stderr
-    assert not (tmp_path / "out").exists()
+    result = run(distill_command("--report_to", "none", "--teacher", teacher, "--dataset_name", "digits", *flags,
+                                 "--output_dir", tmp_path / "out"), script_env(tmp_path / "hf_home"))
+    assert_refused(result, message, tmp_path / "out")

@@ -5,12 +5,16 @@ A guided distillation run (`guided.py`) sees its teacher only through one of the
 | adapter             | teacher                                        | condition c            | null condition    | guidance input s        | students saved as                 |
 |---------------------|------------------------------------------------|------------------------|-------------------|-------------------------|-----------------------------------|
 | `TextConditioning`  | Stable Diffusion (UNet2DConditionModel + VAE)  | `encoder_hidden_states`| the empty prompt  | `timestep_cond` e(s - 1)| stock `StableDiffusionPipeline`   |
+|                     |                                                |                        |                   | (or one s, folded)      | (a plain SD UNet when folded)     |
 | `ClassConditioning` | class-conditional `UNet2DModel` (pixels)       | `class_labels`         | the null class    | none: one s, folded in  | `DDPMPipeline` folder + metadata  |
 
 A `UNet2DModel` has no input for a guidance scale (its one conditioning slot holds the class), so a class-conditional
 student learns the teacher's guided output at ONE scale; stock diffusers has no pipeline that passes class labels to
 a `UNet2DModel`, so such students are sampled by `ProgressiveDistillationPipeline(class_labels=...)` (their model
-card says so).
+card says so). A text-to-image student trained at one scale (s_min = s_max) may be saved the same way with
+`fold_guidance_scale=True`: it trains with its guidance input (stage one's student is the next stage's teacher, in
+memory) and each saved copy has the constant e(s - 1) folded into its time-embedding bias (`fold_guidance_embedding`,
+exact): a plain UNet2DConditionModel that the stock pipeline runs as an ordinary SD UNet, at `guidance_scale=1`.
 
 SFD (`sfd.py`) uses the same adapters for the condition of each trajectory (`batch`), its validation conditions and
 its students' export (`save` without a guidance range: guidance is applied at sampling, two predictions per step).
@@ -21,7 +25,7 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from .guidance import add_guidance_embedding, guidance_timestep_cond
+from .guidance import add_guidance_embedding, check_foldable_range, fold_guidance_embedding, guidance_timestep_cond
 
 
 def repeat_rows(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -37,14 +41,16 @@ class TextConditioning:
         data: its encodings of the training pairs; validation prompts are the first captions of the data.
         embedding_dim: the students' guidance embedding size (`time_cond_proj_dim`).
         proportion_empty_prompts: captions replaced by the empty prompt, drawn per batch.
+        fold_guidance_scale: save the students with their one scale (s_min = s_max) folded in: plain SD UNets.
     """
 
     key = "encoder_hidden_states"
     guidance_input = True
 
     def __init__(self, components: Mapping, data, *, embedding_dim: int = 256, proportion_empty_prompts: float = 0.0,
-                 num_validation_prompts: int = 4):
+                 num_validation_prompts: int = 4, fold_guidance_scale: bool = False):
         self.components, self.data, self.embedding_dim = components, data, embedding_dim
+        self.fold_guidance_scale = fold_guidance_scale
         self.proportion_empty_prompts = proportion_empty_prompts
         self.validation_text = data.caption_embeddings[data.caption_index[: min(num_validation_prompts, len(data))]]
 
@@ -85,9 +91,14 @@ class TextConditioning:
              guidance_scale_max: Optional[float] = None, teacher_prediction_type=None, **kwargs):
         """A full stock StableDiffusionPipeline folder of the student (the teacher's vae, text encoder, tokenizer);
         `guidance_scale_min/max`: the range a guidance-conditioned student learnt (None: a student without guidance
-        input, which the pipeline guides at two predictions per step)."""
+        input, which the pipeline guides at two predictions per step); with `fold_guidance_scale`, its one scale
+        folded into the weights (a plain UNet, sampled at `guidance_scale=1`)."""
         from .export import save_stock_sd_pipeline
 
+        if self.fold_guidance_scale:
+            check_foldable_range(guidance_scale_min, guidance_scale_max)
+            return save_stock_sd_pipeline(folder, self.components, fold_guidance_embedding(unet, guidance_scale_max), num_steps,
+                                          scheduler_config, guidance_scale_folded=guidance_scale_max, **kwargs)
         return save_stock_sd_pipeline(folder, self.components, unet, num_steps, scheduler_config,
                                       guidance_scale_min=guidance_scale_min, guidance_scale_max=guidance_scale_max, **kwargs)
 

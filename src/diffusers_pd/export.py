@@ -459,10 +459,16 @@ def guidance_card_note(info: Dict[str, Any]) -> str:
             "Negative prompts are unsupported by a guidance-conditioned student: the pipeline never evaluates them."
         )
     if info.get("guidance_scale_folded") is not None:
+        steps = info["num_inference_steps"]
         return (
-            f"Classifier-free guidance at s = {info['guidance_scale_folded']} is built into the weights: pass "
-            "`guidance_scale=1.0` (one UNet call per step); a larger value would apply guidance a second time, at two "
-            "calls per step. Negative prompts are unsupported."
+            f"Classifier-free guidance at s = {info['guidance_scale_folded']} is built into the weights (the constant "
+            "guidance embedding folded into the time-embedding bias: a plain UNet without `time_cond_proj_dim`). Call the "
+            "pipeline with `guidance_scale=1` (or 1.0): `StableDiffusionPipeline` applies its own classifier-free guidance "
+            "only when `guidance_scale > 1` and the UNet has no `time_cond_proj_dim` (its `do_classifier_free_guidance`), "
+            f"so at `guidance_scale=1` it makes {steps} UNet calls of batch = prompts and reproduces the distilled guided "
+            "student; a larger value would apply guidance a second time, on top of the built-in one (two predictions "
+            "per step, other images). Negative prompts have no effect: the pipeline uses them only for its own guidance, "
+            "which is off at `guidance_scale=1`."
         )
     if info.get("method") == "sfd":
         steps = info["num_inference_steps"]

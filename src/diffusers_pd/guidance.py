@@ -61,6 +61,14 @@ def check_guidance_range(guidance_scale_min: float, guidance_scale_max: float) -
         raise ValueError(f"--guidance_scale_min {guidance_scale_min} is below 1 (s = 1 is the conditional model): use s >= 1.")
 
 
+def check_foldable_range(guidance_scale_min: float, guidance_scale_max: float) -> None:
+    """Raise a one-line error unless s_min = s_max: only a constant guidance embedding folds into a bias."""
+    if guidance_scale_min != guidance_scale_max:
+        raise ValueError(f"--fold_guidance_scale builds ONE guidance scale into the students, got the range [{guidance_scale_min}, "
+                         f"{guidance_scale_max}]: pass --guidance_scale_min = --guidance_scale_max (e.g. both {guidance_scale_max}), "
+                         "or drop --fold_guidance_scale to keep the guidance input (any s in the range at sampling).")
+
+
 COND_PROJ = "time_embedding.cond_proj.weight"
 TIME_BIAS_1 = "time_embedding.linear_1.bias"
 
