@@ -136,6 +136,23 @@ def loss_weight(*, alpha, sigma, weighting: str):
 EPSILON_SWITCH_STEPS = 4
 
 
+def student_loss_weighting(*, prediction_type: str, loss_weighting: str = "auto") -> str:
+    """w(lambda) of a student's x-MSE: `loss_weighting`, or for "auto" snr (= its eps-MSE) for an epsilon student and
+    truncated_snr (max(SNR, 1), the paper's) otherwise."""
+    if loss_weighting != "auto":
+        loss_weight(alpha=torch.ones(1), sigma=torch.ones(1), weighting=loss_weighting)  # one clear error if unknown
+        return loss_weighting
+    return "snr" if check_prediction_type(prediction_type) == "epsilon" else "truncated_snr"
+
+
+def student_learning_rate(*, learning_rate: float, steps: int, prediction_type: str, scale: bool = True) -> float:
+    """Peak lr of an N-step student: learning_rate * min(1, EPSILON_SWITCH_STEPS / N) for an epsilon student (`scale`),
+    learning_rate otherwise."""
+    if scale and check_prediction_type(prediction_type) == "epsilon":
+        return learning_rate * min(1.0, EPSILON_SWITCH_STEPS / steps)
+    return learning_rate
+
+
 def final_prediction_type(*, teacher_prediction_type: str, prediction_type: str = "auto") -> str:
     """The parameterization the last students predict: `prediction_type`, or for "auto" v for an epsilon teacher
     and the teacher's own otherwise."""
