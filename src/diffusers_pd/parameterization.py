@@ -196,8 +196,8 @@ def stage_plan(
       * switching at 4: 0.022 at 4 steps (eps there: 0.019), 0.026 at 2, 0.027 at 1; switching at 2: 0.019 at 4,
         0.031 at 2, 0.032 at 1. The switch at 4 gives the closest 1- and 2-step students, the ones users want.
     Every few-step stage (4, 2, 1) then beats the teacher's DDIM (0.62x, 0.03x, 0.003x); the 32/16/8-step eps
-    students (8.8x, 2.6x, 1.1x) do not at this budget with any parameterization: they drift from the copied
-    teacher (see results.md), a matter of the optimizer, not of this rule.
+    students (8.8x, 2.6x, 1.1x) did not at this budget with any parameterization until they regressed their eps-MSE
+    at lr x 4/N (`student_loss_weighting`, `student_learning_rate`): 0.82x, 0.51x, 0.56x (results.md).
     """
     final = final_prediction_type(teacher_prediction_type=teacher_prediction_type, prediction_type=prediction_type)
     if switch_steps is not None and switch_steps < 1:
