@@ -30,8 +30,8 @@ REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
 
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "cache_dir", "resolution",
               "center_crop", "random_flip", "dataloader_num_workers")
-PD_ONLY_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "prediction_type",
-                 "parameterization_switch_steps", "conversion_stage")
+PD_ONLY_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "scale_lr_with_steps",
+                 "prediction_type", "parameterization_switch_steps", "conversion_stage")
 PD_FLAGS = (*PD_ONLY_FLAGS, *DATA_FLAGS)
 GUIDED_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "guidance_embedding_dim",
                 "fold_guidance_scale")  # not SFD's
@@ -61,8 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--start_steps", type=int, default=64, help="The teacher's sampling steps (the first stage's 2N).")
     group.add_argument("--end_steps", type=int, default=1, help="Steps of the last student.")
     group.add_argument("--iterations_per_stage", type=int, default=300, help="Updates per halving (the paper's K: 50000).")
-    group.add_argument("--loss_weighting", type=str, default="truncated_snr", choices=["truncated_snr", "snr_plus_one"],
-                       help="x-MSE weight: max(SNR, 1) (the paper's) or SNR + 1 (= the v-MSE).")
+    group.add_argument("--loss_weighting", type=str, default="auto", choices=["auto", "truncated_snr", "snr_plus_one", "snr"],
+                       help="x-MSE weight: max(SNR, 1) (the paper's), SNR + 1 (= the v-MSE) or SNR (= the eps-MSE); auto: "
+                       "SNR for epsilon students, max(SNR, 1) otherwise.")
+    group.add_argument("--scale_lr_with_steps", action=argparse.BooleanOptionalAction, default=True,
+                       help="An N-step epsilon student trains at --learning_rate x min(1, 4 / N) (its target differs from "
+                       "its teacher by the DDIM error, O(1/N)); v/x students at --learning_rate.")
     group.add_argument("--prediction_type", type=str, default="auto", choices=["auto", "epsilon", "sample", "v_prediction"],
                        help="The students' parameterization; auto: the teacher's, except that an epsilon teacher's "
                        "students predict v from --parameterization_switch_steps on.")
@@ -327,7 +331,8 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
             dataset, scheduler_config, guidance_scale_min=args.guidance_scale_min, guidance_scale_max=args.guidance_scale_max,
             guidance_iterations=args.guidance_iterations or args.iterations_per_stage,
             iterations_per_stage=args.iterations_per_stage, start_steps=args.start_steps, end_steps=args.end_steps,
-            prediction_type=args.prediction_type, loss_weighting=args.loss_weighting, learning_rate=args.learning_rate,
+            prediction_type=args.prediction_type, learning_rate=args.learning_rate,
+            loss_weighting="truncated_snr" if args.loss_weighting == "auto" else args.loss_weighting,  # not measured there
         )
     sample_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
     if args.method == "progressive":
@@ -336,7 +341,7 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
             iterations_per_stage=args.iterations_per_stage, prediction_type=args.prediction_type,
             loss_weighting=args.loss_weighting, learning_rate=args.learning_rate, random_flip=args.random_flip,
             dataloader_num_workers=args.dataloader_num_workers, switch_steps=args.parameterization_switch_steps,
-            conversion_stage=args.conversion_stage,
+            conversion_stage=args.conversion_stage, scale_lr_with_steps=args.scale_lr_with_steps,
         )
     global_batch = args.train_batch_size * num_processes
     if args.nfe and len(args.nfe) > 1:

@@ -264,7 +264,7 @@ images = pipe(batch_size=16, num_inference_steps={steps}, generator=torch.Genera
 
 # indexed by "is it the cosine log-SNR table": (beta schedule, cosine table)
 SCHEDULE_TEXT = (
-    """the `{args.beta_schedule}` beta schedule (beta from {args.beta_start} to {args.beta_end}, T =
+    """the `{args.beta_schedule}` beta schedule ({betas}T =
 {args.num_train_timesteps}), saved as a stock `DDPMScheduler` config, the shape of the Hub's DDPM checkpoints.""",
     """the paper's cosine log-SNR schedule lambda(t) = -2 log tan(a t + b), clipped
 to [-20, 20], tabulated at T = {args.num_train_timesteps} points t_i = (i + 1) / T and stored as `trained_betas`, so every stock
@@ -278,6 +278,14 @@ count exactly.""",
 divides {T} (e.g. {steps}); `diffusers_pd.ProgressiveDistillationPipeline` samples any step count exactly.
 Always pass `num_inference_steps` (the `DDPMPipeline` default, 1000, does not divide {T}).""",
 )
+
+
+def schedule_text(args) -> str:
+    """The card's schedule sentence; beta_start / beta_end only where they define the schedule (linear, scaled_linear)."""
+    if args.beta_schedule == "cosine_logsnr":
+        return SCHEDULE_TEXT[1].format(args=args)
+    betas = f"beta from {args.beta_start} to {args.beta_end}, " if args.beta_schedule in ("linear", "scaled_linear") else ""
+    return SCHEDULE_TEXT[0].format(args=args, betas=betas)
 
 
 def model_card(args, where: str, command: str, parameters: int, cost: dict, final_loss) -> str:
@@ -295,7 +303,7 @@ def model_card(args, where: str, command: str, parameters: int, cost: dict, fina
     return MODEL_CARD.format(
         front_matter=card_front_matter("progressive-distillation-teacher"), dataset=args.dataset_name or public_name(args.train_data_dir), resolution=args.resolution, parameters=parameters,
         version=__version__, where=where, prediction_type=args.prediction_type,
-        schedule_text=SCHEDULE_TEXT[args.beta_schedule == "cosine_logsnr"].format(args=args),
+        schedule_text=schedule_text(args),
         sampler_text=SAMPLER_TEXT[args.beta_schedule == "cosine_logsnr"].format(T=args.num_train_timesteps, steps=steps),
         steps=steps, command=command, rows="\n".join(f"| {k} | {v} |" for k, v in rows.items()),
     )

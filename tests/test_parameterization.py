@@ -22,6 +22,8 @@ from diffusers_pd.parameterization import (
     x_from_eps,
     x_from_v,
     stage_plan,
+    student_learning_rate,
+    student_loss_weighting,
 )
 
 torch.manual_seed(0)
@@ -173,6 +175,33 @@ def test_stage_plan_conversion_stage_sits_at_the_switching_teachers_steps():
     # nothing to convert: no conversion stage
     assert not any(e["conversion"] for e in stage_plan(stage_steps=[8, 4], teacher_prediction_type="v_prediction",
                                                        conversion_stage=True))
+
+
+def test_epsilon_students_regress_their_eps_mse_and_others_the_truncated_snr_x_mse():
+    """auto: an eps student's x-MSE weight is SNR, so its loss IS its eps-MSE (float64); v / x students keep max(SNR, 1)."""
+    assert student_loss_weighting(prediction_type="epsilon") == "snr"
+    assert {student_loss_weighting(prediction_type=p) for p in ("v_prediction", "sample")} == {"truncated_snr"}
+    assert student_loss_weighting(prediction_type="epsilon", loss_weighting="truncated_snr") == "truncated_snr"  # explicit wins
+    x, eps, alpha, sigma = point()
+    z = alpha * x + sigma * eps
+    eps_hat = eps + 0.3 * torch.randn_like(eps)
+    x_hat = x_from_eps(z=z, eps=eps_hat, alpha=alpha, sigma=sigma)
+    weight = loss_weight(alpha=alpha, sigma=sigma, weighting=student_loss_weighting(prediction_type="epsilon"))
+    torch.testing.assert_close(weight * (x - x_hat) ** 2, (eps - eps_hat) ** 2, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="use one of truncated_snr"):
+        student_loss_weighting(prediction_type="epsilon", loss_weighting="eps_mse")
+
+
+def test_epsilon_students_learning_rate_falls_as_one_over_their_steps_down_to_the_switch():
+    """lr_N = lr * min(1, 4 / N) for an eps student (its target moves by the teacher's O(1/N) DDIM error); v / x
+    students, and --no-scale_lr_with_steps, keep lr."""
+    steps = [512, 32, 16, 8, 4, 2, 1]
+    rates = [student_learning_rate(learning_rate=3e-4, steps=n, prediction_type="epsilon") for n in steps]
+    assert rates == pytest.approx([3e-4 / 128, 3e-4 / 8, 3e-4 / 4, 3e-4 / 2, 3e-4, 3e-4, 3e-4], rel=1e-12)
+    assert [n * r for n, r in zip(steps, rates) if n >= EPSILON_SWITCH_STEPS] == pytest.approx([1.2e-3] * 5, rel=1e-12)
+    for prediction_type in ("v_prediction", "sample"):
+        assert {student_learning_rate(learning_rate=3e-4, steps=n, prediction_type=prediction_type) for n in steps} == {3e-4}
+    assert {student_learning_rate(learning_rate=3e-4, steps=n, prediction_type="epsilon", scale=False) for n in steps} == {3e-4}
 
 
 def test_stage_plan_refuses_a_switch_below_one_step():

@@ -181,43 +181,23 @@ def test_a_student_worse_than_the_teachers_ddim_is_flagged_with_what_helps(tmp_p
     assert "WORSE: raise --iterations_per_stage" in (out / "summary.md").read_text()
 
 
-def train_tiny_eps_teacher(folder, updates: int = 300):
-    """A tiny eps-prediction teacher of the Hub DDPM shape (T = 1000 linear betas), trained here on digits (seconds)."""
-    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-
-    from diffusers_pd.data import image_transform, load_digits_dataset
-    from diffusers_pd.loss import DiffusionLoss, RawOutput
-    from conftest import TINY_UNET
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(**TINY_UNET)
-    transform, digits = image_transform(8, 1), load_digits_dataset()
-    images = torch.stack([transform(digits[i]["image"]) for i in range(len(digits))])
-    loss_fn = DiffusionLoss(ProgressiveDistillationScheduler(num_train_timesteps=1000, prediction_type="epsilon"), "snr")
-    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(updates):
-        batch = images[torch.randint(len(images), (64,), generator=generator)]
-        noise, timesteps = torch.randn(batch.shape, generator=generator), torch.randint(1000, (64,), generator=generator)
-        loss = loss_fn(RawOutput(unet), batch, noise, timesteps).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
-    return folder
+EPS_TEACHER = ROOT / "benchmarks" / "results" / "eps-teacher-digits" / "teacher"  # Hub DDPM shape, trained on digits
 
 
 def test_default_rule_keeps_the_first_stage_of_an_eps_teacher_as_faithful_as_its_ddim(tmp_path):
     """Issue 13: an eps teacher's first student is no further from the teacher's reference samples than the teacher's
-    own DDIM at the same steps (summary.json's two fidelity columns); the old default (v at once) is far worse."""
-    teacher = train_tiny_eps_teacher(tmp_path / "teacher")
+    own DDIM at the same steps (summary.json's two fidelity columns); without the eps-student rule (eps-MSE, lr x 4/N)
+    the same stage is further. The committed digits teacher: a tiny net trained here in seconds is no converged
+    teacher (its 8-step DDIM is ~1 from its 16-step samples), the regime the rule is not for (results.md)."""
     rows = {}
-    for prediction_type in ("auto", "v_prediction"):
-        out = tmp_path / prediction_type
-        run_distill("--teacher", teacher, "--dataset_name", "digits", "--start_steps", 16, "--end_steps", 8,
+    for name, flags in (("auto", []), ("unscaled", ["--no-scale_lr_with_steps", "--loss_weighting", "truncated_snr"])):
+        out = tmp_path / name
+        run_distill("--teacher", EPS_TEACHER, "--dataset_name", "digits", "--start_steps", 16, "--end_steps", 8,
                     "--iterations_per_stage", 100, "--train_batch_size", 32, "--num_validation_samples", 32,
-                    "--num_grid_images", 1, "--output_dir", out, "--prediction_type", prediction_type)
-        rows[prediction_type] = json.loads((out / "summary.json").read_text())[0]
+                    "--num_grid_images", 1, "--output_dir", out, *flags)
+        rows[name] = json.loads((out / "summary.json").read_text())[0]
     assert rows["auto"]["prediction_type"] == "epsilon"  # 8 steps > the switch at 4: the student keeps the head
-    assert rows["auto"]["mse_to_teacher"] <= rows["auto"]["teacher_ddim_mse"], rows["auto"]
-    assert rows["v_prediction"]["mse_to_teacher"] > 10 * rows["auto"]["teacher_ddim_mse"], rows["v_prediction"]
+    assert rows["auto"]["mse_to_teacher"] <= rows["auto"]["teacher_ddim_mse"], rows["auto"]  # measured 0.64x
+    assert rows["unscaled"]["mse_to_teacher"] > rows["unscaled"]["teacher_ddim_mse"], rows["unscaled"]  # measured 1.95x
+    card = (tmp_path / "auto" / "student-8steps" / "README.md").read_text()
+    assert "| learning rate | 0.00015 (linear decay" in card and "| loss weighting | snr |" in card  # 3e-4 x 4/8, eps-MSE

@@ -376,3 +376,15 @@ def test_teacher_schedules_are_the_library_beta_schedules(script):
     from diffusers_pd.schedules import BETA_SCHEDULES
 
     assert script.TEACHER_SCHEDULES == ("cosine_logsnr", *BETA_SCHEDULES[:3])
+
+
+def test_card_names_beta_range_only_for_schedules_it_defines(script):
+    """The card's schedule sentence prints beta_start / beta_end for linear and scaled_linear only: a squaredcos_cap_v2
+    (or cosine log-SNR) schedule ignores them."""
+    import argparse
+
+    for schedule, shows in (("linear", True), ("scaled_linear", True), ("squaredcos_cap_v2", False), ("cosine_logsnr", False)):
+        args = argparse.Namespace(beta_schedule=schedule, beta_start=0.000123, beta_end=0.0456, num_train_timesteps=1000)
+        text = script.schedule_text(args)
+        assert ("0.000123" in text and "0.0456" in text) == shows, (schedule, text)
+        assert ("squaredcos_cap_v2" in text) == (schedule == "squaredcos_cap_v2")

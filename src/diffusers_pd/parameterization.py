@@ -136,6 +136,23 @@ def loss_weight(*, alpha, sigma, weighting: str):
 EPSILON_SWITCH_STEPS = 4
 
 
+def student_loss_weighting(*, prediction_type: str, loss_weighting: str = "auto") -> str:
+    """w(lambda) of a student's x-MSE: `loss_weighting`, or for "auto" snr (= its eps-MSE) for an epsilon student and
+    truncated_snr (max(SNR, 1), the paper's) otherwise."""
+    if loss_weighting != "auto":
+        loss_weight(alpha=torch.ones(1), sigma=torch.ones(1), weighting=loss_weighting)  # one clear error if unknown
+        return loss_weighting
+    return "snr" if check_prediction_type(prediction_type) == "epsilon" else "truncated_snr"
+
+
+def student_learning_rate(*, learning_rate: float, steps: int, prediction_type: str, scale: bool = True) -> float:
+    """Peak lr of an N-step student: learning_rate * min(1, EPSILON_SWITCH_STEPS / N) for an epsilon student (`scale`),
+    learning_rate otherwise."""
+    if scale and check_prediction_type(prediction_type) == "epsilon":
+        return learning_rate * min(1.0, EPSILON_SWITCH_STEPS / steps)
+    return learning_rate
+
+
 def final_prediction_type(*, teacher_prediction_type: str, prediction_type: str = "auto") -> str:
     """The parameterization the last students predict: `prediction_type`, or for "auto" v for an epsilon teacher
     and the teacher's own otherwise."""
@@ -179,8 +196,8 @@ def stage_plan(
       * switching at 4: 0.022 at 4 steps (eps there: 0.019), 0.026 at 2, 0.027 at 1; switching at 2: 0.019 at 4,
         0.031 at 2, 0.032 at 1. The switch at 4 gives the closest 1- and 2-step students, the ones users want.
     Every few-step stage (4, 2, 1) then beats the teacher's DDIM (0.62x, 0.03x, 0.003x); the 32/16/8-step eps
-    students (8.8x, 2.6x, 1.1x) do not at this budget with any parameterization: they drift from the copied
-    teacher (see results.md), a matter of the optimizer, not of this rule.
+    students (8.8x, 2.6x, 1.1x) did not at this budget with any parameterization until they regressed their eps-MSE
+    at lr x 4/N (`student_loss_weighting`, `student_learning_rate`): 0.82x, 0.51x, 0.56x (results.md).
     """
     final = final_prediction_type(teacher_prediction_type=teacher_prediction_type, prediction_type=prediction_type)
     if switch_steps is not None and switch_steps < 1:

@@ -14,7 +14,7 @@ import torch
 
 from .loss import ParameterizationConversionLoss, ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
-from .parameterization import stage_plan
+from .parameterization import stage_plan, student_learning_rate, student_loss_weighting
 from .pipeline import ddim_samples
 from .scheduler import ProgressiveDistillationScheduler
 from .data import GlobalBatchSampler, random_flips, step_generator
@@ -70,8 +70,10 @@ class ProgressiveDistillation(DistillationMethod):
         prediction_type: the students' parameterization, or "auto" (`parameterization.stage_plan`'s rule).
         switch_steps, conversion_stage: where the parameterization switches, and whether a conversion stage at the
             teacher's own steps comes first (`stage_plan`).
-        loss_weighting: `"truncated_snr"` or `"snr_plus_one"`.
+        loss_weighting: `"truncated_snr"`, `"snr_plus_one"`, `"snr"`, or `"auto"` (`student_loss_weighting`: the eps-MSE for
+            an epsilon student, truncated_snr otherwise).
         learning_rate: peak learning rate, decaying linearly to 0 over each stage.
+        scale_lr_with_steps: an N-step epsilon student's peak is learning_rate x min(1, 4 / N) (`student_learning_rate`).
     """
 
     name = "progressive"
@@ -80,7 +82,7 @@ class ProgressiveDistillation(DistillationMethod):
     def __init__(self, scheduler_config: Dict[str, Any], dataset, sample_shape, *, start_steps: int, end_steps: int,
                  iterations_per_stage: int, prediction_type: str, loss_weighting: str, learning_rate: float,
                  random_flip: bool = False, dataloader_num_workers: int = 0, switch_steps: Optional[int] = None,
-                 conversion_stage: bool = False):
+                 conversion_stage: bool = False, scale_lr_with_steps: bool = True):
         self.teacher_config = dict(scheduler_config)  # the ORIGINAL teacher's, for the fidelity references
         self.scheduler_config = dict(scheduler_config)  # the current stage's teacher's
         self.teacher_prediction_type = self.scheduler_config["prediction_type"]
@@ -88,10 +90,12 @@ class ProgressiveDistillation(DistillationMethod):
                                prediction_type=prediction_type, switch_steps=switch_steps, conversion_stage=conversion_stage)
         for entry in self.plan:  # e.g. epsilon on a zero-terminal-SNR schedule: refused now, not at that stage
             ProgressiveDistillationScheduler.from_config(self.scheduler_config, prediction_type=entry["prediction_type"])
+            entry["loss_weighting"] = student_loss_weighting(prediction_type=entry["prediction_type"], loss_weighting=loss_weighting)
+            entry["learning_rate"] = student_learning_rate(learning_rate=learning_rate, steps=entry["steps"],
+                                                           prediction_type=entry["prediction_type"], scale=scale_lr_with_steps)
         self.dataset, self.sample_shape = dataset, tuple(sample_shape)
         self.start_steps, self.end_steps = start_steps, end_steps
         self.iterations_per_stage = iterations_per_stage
-        self.loss_weighting, self.peak_learning_rate = loss_weighting, learning_rate
         self.random_flip, self.dataloader_num_workers = random_flip, dataloader_num_workers
 
     def title(self, teacher: str) -> str:
@@ -124,7 +128,7 @@ class ProgressiveDistillation(DistillationMethod):
         self.scheduler = ProgressiveDistillationScheduler.from_config(self.scheduler_config, prediction_type=entry["prediction_type"])
         self.scheduler.set_timesteps(stage.steps[0])
         loss_class = ParameterizationConversionLoss if entry["conversion"] else ProgressiveDistillationLoss
-        self.loss_fn = loss_class(self.scheduler, self.loss_weighting, self.teacher_prediction_type)
+        self.loss_fn = loss_class(self.scheduler, entry["loss_weighting"], self.teacher_prediction_type)
         sampler = GlobalBatchSampler(len(self.dataset), ctx.batch_size, ctx.rank, ctx.num_processes, ctx.seed,
                                      start=self.micro_step(stage, first_iteration, 0, ctx))
         from .data import collate_pixel_values
@@ -134,7 +138,7 @@ class ProgressiveDistillation(DistillationMethod):
             generator=torch.Generator().manual_seed(ctx.seed)))  # its own generator: never consumes the global RNG (dropout)
 
     def learning_rate(self, stage: Stage, iteration: int) -> float:
-        return linear_decay_lr(iteration, stage.iterations, self.peak_learning_rate)
+        return linear_decay_lr(iteration, stage.iterations, self.plan[stage.index]["learning_rate"])
 
     def batch(self, stage: Stage, iteration: int, teacher, ctx: LoopContext) -> Batch:
         return ProgressiveBatch(self, stage, iteration, teacher, ctx)
@@ -147,15 +151,16 @@ class ProgressiveDistillation(DistillationMethod):
         finished = FinishedStudent(
             num_steps, student, self.scheduler, saved=not entry["conversion"],
             sampler=partial(ddim_samples, scheduler_config=student_config, num_steps=num_steps),
-            save_kwargs=dict(teacher_prediction_type=self.teacher_prediction_type, loss_weighting=self.loss_weighting),
+            save_kwargs=dict(teacher_prediction_type=self.teacher_prediction_type, loss_weighting=entry["loss_weighting"]),
         )
         self.teacher_prediction_type, self.scheduler_config = entry["prediction_type"], student_config
         return student, [finished]
 
     def card_training(self, stage: Stage, global_batch: int) -> Dict[str, Any]:
+        entry = self.plan[stage.index]
         return {"iterations per stage": stage.iterations, "global batch size": global_batch,
-                "learning rate": f"{self.peak_learning_rate} (linear decay to 0 per stage)",
-                "loss weighting": self.loss_weighting}
+                "learning rate": f"{entry['learning_rate']:.4g} (linear decay to 0 per stage)",
+                "loss weighting": entry["loss_weighting"]}
 
     def reference_sampler(self):
         """The original teacher's DDIM at `start_steps`: what every stage distils."""
