@@ -34,9 +34,9 @@ PD_ONLY_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weigh
                  "prediction_type", "parameterization_switch_steps", "conversion_stage")
 PD_FLAGS = (*PD_ONLY_FLAGS, *DATA_FLAGS)
 GUIDED_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "guidance_embedding_dim",
-                "fold_guidance_scale")  # not SFD's
+                "guidance_embedding_lr_scale", "fold_guidance_scale")  # not SFD's
 GUIDANCE_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "label_column", "null_class")
-TEXT_FLAGS = ("guidance_embedding_dim", "caption_column", "proportion_empty_prompts")
+TEXT_FLAGS = ("guidance_embedding_dim", "guidance_embedding_lr_scale", "caption_column", "proportion_empty_prompts")
 SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "num_trajectories", "grid", "second_stage",
              "second_stage_trajectories", "second_stage_learning_rate")
 DEFAULT_LEARNING_RATE = {"progressive": 3e-4, "sfd": 5e-5}
@@ -108,6 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="A class-conditional teacher's unconditional label (for guidance); None: its last class embedding.")
     group.add_argument("--guidance_embedding_dim", type=int, default=256,
                        help="Size of the students' guidance embedding (`time_cond_proj_dim`).")
+    group.add_argument("--guidance_embedding_lr_scale", type=float, default=10.0,
+                       help="The guided stage's learning rate for the new, zero-initialised guidance embedding "
+                       "(time_embedding.cond_proj) is this x --learning_rate (it learns from scratch); the halvings train "
+                       "it like every other weight. 1: one learning rate for all.")
     group.add_argument("--fold_guidance_scale", action="store_true",
                        help="Text-to-image, with --guidance_scale_min = --guidance_scale_max: save each student with that "
                        "scale folded into its time-embedding bias, a plain UNet2DConditionModel (no time_cond_proj_dim) "
@@ -273,6 +277,8 @@ def validate_text_to_image(args):
             check_foldable_range(args.guidance_scale_min, args.guidance_scale_max)
         if (args.guidance_iterations or args.iterations_per_stage) < 1:
             raise ValueError("--guidance_iterations must be at least 1.")
+        if args.guidance_embedding_lr_scale <= 0:
+            raise ValueError(f"--guidance_embedding_lr_scale must be positive, got {args.guidance_embedding_lr_scale} (1: --learning_rate).")
         check_start_steps(args.start_steps, scheduler_config)
     unet, vae = components["unet"], components["vae"]
     args.resolution = args.resolution or unet.config.sample_size * vae_scale_factor(vae)
@@ -478,13 +484,15 @@ def distill(args, argv) -> dict:
 
         # 4. a new student (the teacher's copy); a fresh optimizer every stage (as the reference code)
         student = method.init_student(teacher, stage)
+        added = set(dict(student.named_parameters())) - set(dict(teacher.named_parameters()))  # new at this stage
         if args.lora_rank:  # adapters on the attention projections; layers the method added train whole
-            added = set(dict(student.named_parameters())) - set(dict(teacher.named_parameters()))
             student = add_lora(student, args.lora_rank, alpha=args.lora_alpha, trainable=added)
         teacher.to(launch.weight_dtype(accelerator.mixed_precision))  # frozen; the student keeps fp32 master weights
         if args.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        optimizer = training.make_optimizer(student.parameters(), args)
+        # a layer new at this stage (the guided stage's zero-initialised guidance embedding) learns from scratch: its own lr
+        lr_scales = {name: args.guidance_embedding_lr_scale for name in added}
+        optimizer = training.make_optimizer(training.param_groups(student.named_parameters(), lr_scales), args)
         ema = EMAModel(student.parameters(), decay=args.ema_decay) if args.ema_decay else None
         if resume_step:
             checkpoints.load_checkpoint(accelerator, checkpoint, {"student": student}, optimizer, ema)

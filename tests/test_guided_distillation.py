@@ -143,3 +143,80 @@ def test_stage_two_target_with_conditions_lands_one_student_step_on_the_teachers
             else:  # last step: the teacher's x-hat at t'
                 torch.testing.assert_close(x_target[i], two_steps[-1, 0], atol=1e-9, rtol=0)
     assert (targets[1.0] - targets[4.0]).abs().max() > 1e-3  # the teacher side is conditioned on s
+
+
+def test_the_new_guidance_embedding_gets_its_own_learning_rate_and_the_rest_the_schedules():
+    from argparse import Namespace
+
+    from diffusers_pd import training
+    from diffusers_pd.guidance import COND_PROJ
+
+    teacher_unet = tiny_cond_unet()
+    student = add_guidance_embedding(teacher_unet, DIM).train()
+    student.conv_in.requires_grad_(False)  # frozen weights join no group
+    added = set(dict(student.named_parameters())) - set(dict(teacher_unet.named_parameters()))
+    assert added == {COND_PROJ}
+    groups = training.param_groups(student.named_parameters(), {name: 30.0 for name in added})
+    assert [(group["lr_scale"], len(group["params"])) for group in groups] == [
+        (1.0, sum(p.requires_grad for p in student.parameters()) - 1), (30.0, 1)]
+    args = Namespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8)
+    optimizer = training.make_optimizer(groups, args)
+    training.set_lr(optimizer, 2e-4)  # the schedule's lr, e.g. linear decay
+    assert [group["lr"] for group in optimizer.param_groups] == [2e-4, 2e-4 * 30.0]
+    # the reference: torch's Adam with the two learning rates written out
+    reference_student = add_guidance_embedding(teacher_unet, DIM).train()
+    reference_student.conv_in.requires_grad_(False)
+    cond_proj = reference_student.time_embedding.cond_proj.weight
+    reference = torch.optim.Adam([{"params": [p for p in reference_student.parameters() if p.requires_grad and p is not cond_proj]},
+                                  {"params": [cond_proj], "lr": 2e-4 * 30.0}], lr=2e-4)
+    latents, text, empty, noise, timesteps, scales = batch(seed=2)
+    for unet, opt in ((student, optimizer), (reference_student, reference)):
+        loss = GuidedDistillationLoss(embedding_dim=DIM)(
+            Denoiser(unet, SD_SCHEDULER), Denoiser(teacher_unet, SD_SCHEDULER), latents, noise, timesteps, scales,
+            cond={"encoder_hidden_states": text}, uncond={"encoder_hidden_states": empty}).mean()
+        loss.backward()
+        opt.step()
+    for (name, ours), theirs in zip(student.state_dict().items(), reference_student.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    assert student.time_embedding.cond_proj.weight.abs().max() > 10 * 2e-4  # Adam's first step: ~lr x scale per weight
+    training.set_lr(torch.optim.Adam(student.parameters()), 1e-3)  # a plain optimizer: lr as given
+    with pytest.raises(ValueError, match="No trainable parameter named"):
+        training.param_groups(student.named_parameters(), {"conv_in.weight": 2.0})
+
+
+class CFGStandIn(torch.nn.Module):
+    """A 'student' that IS the teacher's classifier-free guidance at the s it is given (s read from its own input)."""
+
+    def __init__(self, teacher_unet, empty):
+        super().__init__()
+        self.teacher_unet, self.empty = teacher_unet, empty
+
+    def forward(self, z, timesteps, *, encoder_hidden_states, guidance_scale):
+        uncond = self.teacher_unet(z, timesteps, encoder_hidden_states=self.empty).sample
+        cond = self.teacher_unet(z, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+        return type("Output", (), {"sample": uncond + guidance_scale * (cond - uncond)})
+
+
+def test_guidance_liveness_is_one_for_the_teachers_own_guidance_and_zero_for_the_untrained_student():
+    from diffusers_pd.guidance import guidance_timestep_cond
+    from diffusers_pd.guided_distillation import guidance_liveness
+
+    teacher_unet = tiny_cond_unet().double()
+    latents, text, empty, noise = (t.double() for t in batch(seed=4)[:4])
+    timesteps = torch.tensor([50, 300, 600, 950])
+    probe = dict(cond={"encoder_hidden_states": text}, uncond={"encoder_hidden_states": empty}, guidance_scales=(3.0, 5.0))
+    teacher = Denoiser(teacher_unet, SD_SCHEDULER)
+    follows = guidance_liveness(Denoiser(CFGStandIn(teacher_unet, empty), SD_SCHEDULER), teacher, latents, noise, timesteps,
+                                guidance_cond=lambda s, n: {"guidance_scale": s}, **probe)
+    ignores = guidance_liveness(Denoiser(add_guidance_embedding(teacher_unet, DIM), SD_SCHEDULER), teacher, latents, noise,
+                                timesteps, guidance_cond=lambda s, n: {"timestep_cond": guidance_timestep_cond(s, DIM, n).double()},
+                                **probe)
+    for s in (3.0, 5.0):
+        assert follows[s]["ratio"] == pytest.approx(1.0, abs=1e-9) and follows[s]["cosine"] == pytest.approx(1.0, abs=1e-9)
+        assert follows[s]["student_error"] < 1e-9 < follows[s]["teacher_change"]
+        assert ignores[s]["ratio"] == 0.0  # the zero-initialised embedding: the same output at every s
+        # an s-blind student's error at s is the teacher's whole change from s = 1
+        assert ignores[s]["student_error"] == pytest.approx(ignores[s]["teacher_change"], rel=1e-9)
+    assert follows[1.0]["student_error"] < 1e-9 and ignores[1.0]["student_error"] == 0.0
+    # the teacher's change is linear in s - 1
+    assert follows[5.0]["teacher_change"] == pytest.approx(2 * follows[3.0]["teacher_change"], rel=1e-9)

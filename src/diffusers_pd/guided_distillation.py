@@ -83,3 +83,46 @@ class GuidedDistillationLoss:
         x_hat, _ = student(z, timesteps, alpha=alpha, sigma=sigma, **cond, **student_cond)
         return weighted_x_mse(x_hat=x_hat, x_target=x_target, alpha=alpha.to(latents.device), sigma=sigma.to(latents.device),
                               weighting=self.weighting)
+
+
+def guidance_response_ratio(*, student_s, student_1, teacher_s, teacher_1) -> float:
+    """r(s) = ||y(s) - y(1)|| / ||D^s - D^1||: how much of the teacher's CFG change with s the student follows (1: all, 0: none)."""
+    return float(torch.linalg.vector_norm((student_s - student_1).double())
+                 / torch.linalg.vector_norm((teacher_s - teacher_1).double()))
+
+
+def guidance_response_cosine(*, student_s, student_1, teacher_s, teacher_1) -> float:
+    """cos(y(s) - y(1), D^s - D^1): whether the student's change with s points the teacher's way (r(s) alone does not say)."""
+    student, teacher = (student_s - student_1).double().flatten(), (teacher_s - teacher_1).double().flatten()
+    return float(student @ teacher / (torch.linalg.vector_norm(student) * torch.linalg.vector_norm(teacher)).clamp_min(1e-300))
+
+
+def rms(tensor: torch.Tensor) -> float:
+    """sqrt(mean(x^2))."""
+    return float(tensor.double().pow(2).mean().sqrt())
+
+
+@torch.no_grad()
+def guidance_liveness(student: Denoiser, teacher: Denoiser, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      *, cond: Mapping[str, torch.Tensor], uncond: Mapping[str, torch.Tensor], guidance_cond,
+                      guidance_scales=(3.0, 5.0)) -> dict:
+    """Is the student's guidance input live? On fixed z_t = alpha_t x + sigma_t eps, in eps-hat (unit scale at every t, any
+    parameterization), for each s: r(s) (`guidance_response_ratio` against s = 1), the cosine of the two changes and the RMS error of the student at s
+    to the teacher's CFG eps-hat at s (`guidance_cond(s, batch)`: the student's guidance input, e.g. the conditioning's)."""
+    alpha, sigma = teacher.alpha_sigma(torch.as_tensor(timesteps, dtype=torch.float64).cpu())
+    shape = (-1,) + (1,) * (latents.ndim - 1)
+    z = (alpha.reshape(shape).to(latents) * latents + sigma.reshape(shape).to(latents) * noise).to(latents.dtype)
+
+    def outputs(s):
+        _, teacher_eps = GuidedDenoiser(teacher)(z, timesteps, alpha=alpha, sigma=sigma, guidance_scale=s, uncond=uncond, **cond)
+        _, student_eps = student(z, timesteps, alpha=alpha, sigma=sigma, **cond, **guidance_cond(s, latents.shape[0]))
+        return student_eps, teacher_eps
+
+    student_1, teacher_1 = outputs(1.0)
+    rows = {1.0: {"ratio": float("nan"), "cosine": float("nan"), "student_error": rms(student_1 - teacher_1), "teacher_change": 0.0}}
+    for s in guidance_scales:
+        student_s, teacher_s = outputs(float(s))
+        pair = dict(student_s=student_s, student_1=student_1, teacher_s=teacher_s, teacher_1=teacher_1)
+        rows[float(s)] = {"ratio": guidance_response_ratio(**pair), "cosine": guidance_response_cosine(**pair),
+                          "student_error": rms(student_s - teacher_s), "teacher_change": rms(teacher_s - teacher_1)}
+    return rows

@@ -10,7 +10,7 @@ import math
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -72,14 +72,31 @@ def check_memory_args(args: argparse.Namespace) -> None:
             raise ValueError("--lora_rank needs peft: `pip install peft`, or drop the flag.")
 
 
+def param_groups(named_parameters, lr_scales: Optional[Mapping[str, float]] = None) -> List[Dict[str, Any]]:
+    """The optimizer's parameter groups of the (name, parameter) pairs that require grad: lr = lr_scale x the schedule's lr,
+    lr_scale = lr_scales[name] for the names given (e.g. a layer new at this stage), 1 for the others."""
+    lr_scales = dict(lr_scales or {})
+    groups: Dict[float, List[torch.nn.Parameter]] = {}
+    for name, parameter in named_parameters:
+        if parameter.requires_grad:
+            groups.setdefault(float(lr_scales.pop(name, 1.0)), []).append(parameter)
+    if lr_scales:
+        raise ValueError(f"No trainable parameter named {sorted(lr_scales)} to give a learning-rate scale.")
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
+
+
 def make_optimizer(parameters, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """Adam (or bitsandbytes' 8-bit Adam with --use_8bit_adam) over the parameters that require grad."""
+    """Adam (or bitsandbytes' 8-bit Adam with --use_8bit_adam) over the parameters that require grad, or over
+    `param_groups(...)` (each group's lr follows `set_lr` x its lr_scale)."""
     cls = torch.optim.Adam
     if getattr(args, "use_8bit_adam", False):
         import bitsandbytes
 
         cls = bitsandbytes.optim.Adam8bit
-    return cls([p for p in parameters if p.requires_grad], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    parameters = list(parameters)
+    if not (parameters and isinstance(parameters[0], dict)):
+        parameters = [p for p in parameters if p.requires_grad]
+    return cls(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
@@ -108,9 +125,9 @@ def linear_warmup_lr(step: int, warmup_steps: int, learning_rate: float) -> floa
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
+    """Set the learning rate of every parameter group: lr x the group's lr_scale (1 if it has none, see `param_groups`)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 # ----------------------------------------------------------------------------------------------- losses and summaries
