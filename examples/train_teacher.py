@@ -366,8 +366,7 @@ def train(args, argv) -> int:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    optimizer = torch.optim.Adam(unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                 weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = training.make_optimizer(training.param_groups(unet.named_parameters()), args)
     ema = EMAModel(unet.parameters(), decay=args.ema_decay) if args.ema_decay else None
     progress = {"global_step": 0, "images_seen": 0, "train_time_s": 0.0, "run": run_signature(unet, args)}
     if checkpoint is not None:

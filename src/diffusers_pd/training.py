@@ -85,18 +85,15 @@ def param_groups(named_parameters, lr_scales: Optional[Mapping[str, float]] = No
     return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 
-def make_optimizer(parameters, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """Adam (or bitsandbytes' 8-bit Adam with --use_8bit_adam) over the parameters that require grad, or over
-    `param_groups(...)` (each group's lr follows `set_lr` x its lr_scale)."""
+def make_optimizer(groups: List[Dict[str, Any]], args: argparse.Namespace) -> torch.optim.Optimizer:
+    """Adam (or bitsandbytes' 8-bit Adam with --use_8bit_adam) over `param_groups(...)`: each group's lr follows
+    `set_lr` x its lr_scale."""
     cls = torch.optim.Adam
     if getattr(args, "use_8bit_adam", False):
         import bitsandbytes
 
         cls = bitsandbytes.optim.Adam8bit
-    parameters = list(parameters)
-    if not (parameters and isinstance(parameters[0], dict)):
-        parameters = [p for p in parameters if p.requires_grad]
-    return cls(parameters, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+    return cls(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
 
 
