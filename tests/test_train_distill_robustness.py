@@ -449,6 +449,29 @@ def test_resume_sweeps_temp_folders_of_a_killed_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "checkpoint-6"]
 
 
+def test_a_checkpoint_with_other_optimizer_groups_is_refused_naming_the_flag(tmp_path):
+    """A guided checkpoint from before the embedding's lr scale (one group) does not silently load into two groups;
+    with --guidance_embedding_lr_scale 1 (one group again) it loads."""
+    from types import SimpleNamespace
+
+    from diffusers_pd import training
+    from diffusers_pd.checkpoints import load_checkpoint
+
+    model = torch.nn.Linear(3, 2)
+    args = SimpleNamespace(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_weight_decay=0.0, adam_epsilon=1e-8)
+    old = training.make_optimizer(training.param_groups(model.named_parameters()), args)
+    model(torch.ones(1, 3)).sum().backward()
+    old.step()
+    torch.save(old.state_dict(), tmp_path / "optimizer.pt")
+    accelerator = SimpleNamespace(scaler=None, process_index=0, unwrap_model=lambda module: module)
+    two_groups = training.make_optimizer(training.param_groups(model.named_parameters(), {"bias": 10.0}), args)
+    with pytest.raises(ValueError, match="--guidance_embedding_lr_scale 1"):
+        load_checkpoint(accelerator, tmp_path, {}, two_groups)
+    one_group = training.make_optimizer(training.param_groups(model.named_parameters(), {"bias": 1.0}), args)
+    load_checkpoint(accelerator, tmp_path, {}, one_group)
+    assert torch.equal(one_group.state_dict()["state"][0]["exp_avg"], old.state_dict()["state"][0]["exp_avg"])
+
+
 # ----------------------------------------------------------------------------------------------- 6. Ctrl-C / SIGTERM
 def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resumed_run_ends_the_same(teachers, tmp_path):
     common = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 40,

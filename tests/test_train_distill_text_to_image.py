@@ -140,7 +140,10 @@ def test_guided_then_halved_students_run_in_stock_stable_diffusion_at_one_call_p
         pipe = DiffusionPipeline.from_pretrained(folder)
         info = pipe.scheduler.config["_diffusers_pd"]
         assert (info["guidance_scale_min"], info["guidance_scale_max"]) == (1.0, 3.0)
-        assert "egative prompts are unsupported" in (Path(folder) / "README.md").read_text()
+        card = (Path(folder) / "README.md").read_text()
+        assert "egative prompts are unsupported" in card
+        # the guided stage's card says its new embedding learnt at 10 x the lr (the default scale); halvings' do not
+        assert ("| guidance embedding learning rate | 10 x the learning rate" in card) == (steps == 4)
         latents = pipe.prepare_latents(2, 4, 16, 16, torch.float32, "cpu", torch.Generator().manual_seed(0))
         text = torch.from_numpy(saved["text"])
         grid = student_grid(pipe.scheduler.config, steps, "trailing")

@@ -131,7 +131,9 @@ def load_checkpoint(
     for name, module in models.items():
         accelerator.unwrap_model(module).load_state_dict(load_file(checkpoint / f"{name}.safetensors"))
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True))
+        state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+        check_optimizer_groups(state, optimizer, checkpoint)
+        optimizer.load_state_dict(state)
     if ema is not None:
         ema.load_state_dict(torch.load(checkpoint / "ema.pt", map_location="cpu", weights_only=True))
     if accelerator.scaler is not None and (checkpoint / "scaler.pt").exists():
@@ -139,6 +141,18 @@ def load_checkpoint(
     rng = checkpoint / f"random_states_{accelerator.process_index}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
+
+
+def check_optimizer_groups(state: Dict[str, Any], optimizer: torch.optim.Optimizer, checkpoint) -> None:
+    """Raise one clear line if a checkpoint's optimizer groups (count, sizes) differ from this run's."""
+    saved = [len(group["params"]) for group in state["param_groups"]]
+    current = [len(group["params"]) for group in optimizer.param_groups]
+    if saved != current:
+        raise ValueError(
+            f"{checkpoint}: its optimizer has parameter groups of {saved} tensors, this run's {current}: resume with the "
+            "flags of the run that wrote it (a guided checkpoint written before --guidance_embedding_lr_scale existed: "
+            "add --guidance_embedding_lr_scale 1)."
+        )
 
 
 def _rng_state() -> Dict[str, Any]:

@@ -104,7 +104,7 @@ class GuidedDistillation(DistillationMethod):
 
     def __init__(self, conditioning, scheduler_config: Mapping, *, guidance_scale_min: float, guidance_scale_max: float,
                  guidance_iterations: int, iterations_per_stage: int, start_steps: int, end_steps: int, prediction_type: str,
-                 loss_weighting: str, learning_rate: float):
+                 loss_weighting: str, learning_rate: float, embedding_lr_scale: float = 1.0):
         check_guidance_range(guidance_scale_min, guidance_scale_max)
         if not conditioning.guidance_input and guidance_scale_min != guidance_scale_max:
             raise ValueError(f"This teacher's UNet has no guidance input: pass one scale (--guidance_scale_min = "
@@ -123,6 +123,7 @@ class GuidedDistillation(DistillationMethod):
         self.plan = stage_plan(stage_steps=self.halvings, teacher_prediction_type=self.config["prediction_type"],
                                prediction_type=prediction_type)
         self.loss_weighting, self.peak_learning_rate = loss_weighting, learning_rate
+        self.embedding_lr_scale = embedding_lr_scale  # the guided stage's new guidance embedding learns at lr x this
         self.guided_loss = GuidedDistillationLoss(weighting=loss_weighting)
 
     def title(self, teacher: str) -> str:
@@ -192,7 +193,10 @@ class GuidedDistillation(DistillationMethod):
     def card_training(self, stage: Stage, global_batch: int) -> Dict[str, Any]:
         return {"updates": stage.iterations, "global batch size": global_batch,
                 "learning rate": f"{self.peak_learning_rate} (linear decay to 0 per stage)", "loss weighting": self.loss_weighting,
-                "guidance scale range": f"[{self.guidance_scale_min}, {self.guidance_scale_max}]"}
+                "guidance scale range": f"[{self.guidance_scale_min}, {self.guidance_scale_max}]",
+                **({"guidance embedding learning rate": f"{self.embedding_lr_scale:g} x the learning rate (the new, "
+                    "zero-initialised `time_embedding.cond_proj`; --guidance_embedding_lr_scale)"}
+                   if stage.index == 0 and self.guided_stage and self.conditioning.guidance_input else {})}
 
     def reference_sampler(self):
         """The teacher with classifier-free guidance at the validation scale, DDIM at `start_steps`."""
