@@ -31,7 +31,7 @@ REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "cache_dir", "resolution",
               "center_crop", "random_flip", "dataloader_num_workers")
 PD_ONLY_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "scale_lr_with_steps",
-                 "prediction_type", "parameterization_switch_steps", "conversion_stage")
+                 "prediction_type", "parameterization_switch_steps", "conversion_stage", "teacher_clip_sample")
 PD_FLAGS = (*PD_ONLY_FLAGS, *DATA_FLAGS)
 GUIDED_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "guidance_embedding_dim",
                 "guidance_embedding_lr_scale", "fold_guidance_scale")  # not SFD's
@@ -76,6 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--conversion_stage", action="store_true",
                        help="Before the switch, one stage at the teacher's own steps regresses its prediction in the new "
                        "parameterization (one teacher call per sample).")
+    group.add_argument("--teacher_clip_sample", type=str, default="auto", choices=["auto", "on", "off"],
+                       help="Clamp the teacher's x-hat to [-clip_sample_range, clip_sample_range] in its DDIM steps "
+                       "(targets, references, baselines); auto: where its scheduler config says clip_sample (the Hub's "
+                       "DDPM checkpoints do). Students are never clipped.")
     group = parser.add_argument_group("SFD (--method sfd)")
     group.add_argument("--nfe", type=int, nargs="+", default=[4],
                        help="The student's network calls per sample; several (e.g. 2 3 4 5) train one SFD-v student for all.")
@@ -349,6 +353,7 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
             loss_weighting=args.loss_weighting, learning_rate=args.learning_rate, random_flip=args.random_flip,
             dataloader_num_workers=args.dataloader_num_workers, switch_steps=args.parameterization_switch_steps,
             conversion_stage=args.conversion_stage, scale_lr_with_steps=args.scale_lr_with_steps,
+            teacher_clip_sample=args.teacher_clip_sample,
         )
     global_batch = args.train_batch_size * num_processes
     if args.nfe and len(args.nfe) > 1:

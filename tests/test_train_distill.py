@@ -201,3 +201,22 @@ def test_default_rule_keeps_the_first_stage_of_an_eps_teacher_as_faithful_as_its
     assert rows["unscaled"]["mse_to_teacher"] > rows["unscaled"]["teacher_ddim_mse"], rows["unscaled"]  # measured 1.95x
     card = (tmp_path / "auto" / "student-8steps" / "README.md").read_text()
     assert "| learning rate | 0.00015 (linear decay" in card and "| loss weighting | snr |" in card  # 3e-4 x 4/8, eps-MSE
+    assert "| teacher x-hat | unclipped |" in card  # linear T = 1000: alpha_T = 0.0064, auto does not clip
+
+
+def test_a_cosine_eps_teacher_is_clipped_and_its_students_predict_v_from_the_first_stage(tmp_path):
+    """Issue 13: a squaredcos_cap_v2 eps teacher (alpha_T = 4.9e-5, clip_sample=True as DDPM saves it) is distilled
+    with its x-hat clamped (the references change; the card says so) and v students from the first stage; the clamp
+    itself against diffusers' DDIMScheduler(clip_sample=True) is tests/test_clipping.py."""
+    teacher = save_tiny_teacher(tmp_path / "teacher", beta_schedule="squaredcos_cap_v2")
+    rows = {}
+    for mode in ("auto", "off"):
+        out = tmp_path / mode
+        run_distill("--teacher", teacher, "--dataset_name", "digits", "--start_steps", 8, "--end_steps", 4,
+                    "--iterations_per_stage", 2, "--train_batch_size", 8, "--num_validation_samples", 8,
+                    "--num_grid_images", 1, "--teacher_clip_sample", mode, "--output_dir", out)
+        rows[mode] = json.loads((out / "summary.json").read_text())[0]
+    assert rows["auto"]["prediction_type"] == "v_prediction"  # eps would break at t = 999 in the student's sampler
+    assert rows["off"]["prediction_type"] == "v_prediction"  # the plan reads the schedule, not the clipping
+    assert abs(rows["auto"]["teacher_ddim_mse"] - rows["off"]["teacher_ddim_mse"]) > 1e-3  # the clamp reaches the references
+    assert "| teacher x-hat | clamped to [-1, 1] (its clip_sample) |" in (tmp_path / "auto" / "student-4steps" / "README.md").read_text()

@@ -81,6 +81,13 @@ def output_from_x(*, x, z, alpha, sigma, prediction_type: str):
     return v_from_x_eps(x=x, eps=eps, alpha=alpha, sigma=sigma)
 
 
+def clip_output(*, output, z, alpha, sigma, prediction_type: str, clip_range: float):
+    """The output in `prediction_type` whose x-hat is clamp(x-hat, -clip_range, clip_range), eps-hat re-derived from it
+    (diffusers' `clip_sample=True` with `use_clipped_model_output=True`)."""
+    x, _ = x_eps_from_output(output=output, z=z, alpha=alpha, sigma=sigma, prediction_type=prediction_type)
+    return output_from_x(x=x.clamp(-clip_range, clip_range), z=z, alpha=alpha, sigma=sigma, prediction_type=prediction_type)
+
+
 def convert_output(*, output, z, alpha, sigma, from_type: str, to_type: str):
     """The output in `to_type` that means the same x-hat as `output` in `from_type` at (z, alpha, sigma)."""
     x, _ = x_eps_from_output(output=output, z=z, alpha=alpha, sigma=sigma, prediction_type=from_type)
@@ -169,6 +176,7 @@ def stage_plan(
     prediction_type: str = "auto",
     switch_steps: Optional[int] = None,
     conversion_stage: bool = False,
+    epsilon_breaks_at_first_step: bool = False,
 ) -> List[Dict]:
     """Which parameterization each progressive-distillation stage's student predicts: THE rule, stated once.
 
@@ -181,7 +189,8 @@ def stage_plan(
       * v_prediction and sample teachers: every student keeps the teacher's parameterization (the plan is the
         pre-"auto" default's exactly, so v/x teachers' results are unchanged);
       * epsilon teachers: students keep epsilon while N > EPSILON_SWITCH_STEPS (4) and predict v from N = 4 on;
-        no conversion stage.
+        no conversion stage; except where eps breaks at the first step of any grid (`epsilon_breaks_at_first_step`,
+        `clipping.epsilon_breaks_at_first_step`: alpha_T < 1e-3, e.g. squaredcos_cap_v2): v from the first stage.
     An explicit `prediction_type` P switches to P at the first stage (the behaviour before "auto"), or at
     `switch_steps` if given; `conversion_stage` puts a conversion stage before the switching halving.
 
@@ -203,7 +212,8 @@ def stage_plan(
     if switch_steps is not None and switch_steps < 1:
         raise ValueError(f"switch_steps {switch_steps}: pass a step count of at least 1 (--parameterization_switch_steps).")
     if switch_steps is None:
-        switch_steps = EPSILON_SWITCH_STEPS if prediction_type == "auto" and teacher_prediction_type == "epsilon" else stage_steps[0]
+        keep_epsilon = prediction_type == "auto" and teacher_prediction_type == "epsilon" and not epsilon_breaks_at_first_step
+        switch_steps = EPSILON_SWITCH_STEPS if keep_epsilon else stage_steps[0]
     plan, current = [], teacher_prediction_type
     for steps in stage_steps:
         wanted = final if steps <= switch_steps else teacher_prediction_type

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from .clipping import ClippedTeacher, epsilon_breaks_at_first_step, teacher_clip_range
 from .loss import ParameterizationConversionLoss, ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
 from .parameterization import stage_plan, student_learning_rate, student_loss_weighting
@@ -43,7 +44,8 @@ class ProgressiveBatch(Batch):
     num_updates = 1
 
     def __init__(self, method: "ProgressiveDistillation", stage: Stage, iteration: int, teacher, ctx: LoopContext):
-        self.method, self.stage, self.iteration, self.teacher, self.ctx = method, stage, iteration, teacher, ctx
+        self.method, self.stage, self.iteration, self.ctx = method, stage, iteration, ctx
+        self.teacher = method.clipped(teacher) if stage.index == 0 else teacher  # the original teacher is stage 0's
 
     def loss(self, student, update: int, micro: int) -> torch.Tensor:
         """Per-sample Algorithm 2 loss on micro-batch `micro`; every random draw is a function of (seed, micro-step)."""
@@ -74,6 +76,8 @@ class ProgressiveDistillation(DistillationMethod):
             an epsilon student, truncated_snr otherwise).
         learning_rate: peak learning rate, decaying linearly to 0 over each stage.
         scale_lr_with_steps: an N-step epsilon student's peak is learning_rate x min(1, 4 / N) (`student_learning_rate`).
+        teacher_clip_sample: "auto", "on" or "off": whether the original teacher's x-hat is clamped in its DDIM steps
+            (`clipping.teacher_clip_range`; auto: as its scheduler config's clip_sample says).
     """
 
     name = "progressive"
@@ -82,12 +86,14 @@ class ProgressiveDistillation(DistillationMethod):
     def __init__(self, scheduler_config: Dict[str, Any], dataset, sample_shape, *, start_steps: int, end_steps: int,
                  iterations_per_stage: int, prediction_type: str, loss_weighting: str, learning_rate: float,
                  random_flip: bool = False, dataloader_num_workers: int = 0, switch_steps: Optional[int] = None,
-                 conversion_stage: bool = False, scale_lr_with_steps: bool = True):
+                 conversion_stage: bool = False, scale_lr_with_steps: bool = True, teacher_clip_sample: str = "auto"):
         self.teacher_config = dict(scheduler_config)  # the ORIGINAL teacher's, for the fidelity references
+        self.teacher_clip_range = teacher_clip_range(self.teacher_config, teacher_clip_sample)
         self.scheduler_config = dict(scheduler_config)  # the current stage's teacher's
         self.teacher_prediction_type = self.scheduler_config["prediction_type"]
         self.plan = stage_plan(stage_steps=stage_steps(start_steps, end_steps), teacher_prediction_type=self.teacher_prediction_type,
-                               prediction_type=prediction_type, switch_steps=switch_steps, conversion_stage=conversion_stage)
+                               prediction_type=prediction_type, switch_steps=switch_steps, conversion_stage=conversion_stage,
+                               epsilon_breaks_at_first_step=epsilon_breaks_at_first_step(self.teacher_config))
         for entry in self.plan:  # e.g. epsilon on a zero-terminal-SNR schedule: refused now, not at that stage
             ProgressiveDistillationScheduler.from_config(self.scheduler_config, prediction_type=entry["prediction_type"])
             entry["loss_weighting"] = student_loss_weighting(prediction_type=entry["prediction_type"], loss_weighting=loss_weighting)
@@ -158,16 +164,23 @@ class ProgressiveDistillation(DistillationMethod):
 
     def card_training(self, stage: Stage, global_batch: int) -> Dict[str, Any]:
         entry = self.plan[stage.index]
+        clip = self.teacher_clip_range
         return {"iterations per stage": stage.iterations, "global batch size": global_batch,
                 "learning rate": f"{entry['learning_rate']:.4g} (linear decay to 0 per stage)",
-                "loss weighting": entry["loss_weighting"]}
+                "loss weighting": entry["loss_weighting"],
+                "teacher x-hat": f"clamped to [-{clip:g}, {clip:g}] (its clip_sample)" if clip else "unclipped"}
+
+    def clipped(self, teacher):
+        """The original teacher as its DDIM steps see it: x-hat clamped where `teacher_clip_range` says so."""
+        return ClippedTeacher(teacher, self.teacher_config, self.teacher_clip_range) if self.teacher_clip_range else teacher
 
     def reference_sampler(self):
         """The original teacher's DDIM at `start_steps`: what every stage distils."""
         return self.teacher_baseline(self.start_steps)
 
     def teacher_baseline(self, nfe: int):
-        return partial(ddim_samples, scheduler_config=self.teacher_config, num_steps=nfe)
+        return lambda unet, latents, **cond: ddim_samples(self.clipped(unet), latents, scheduler_config=self.teacher_config,
+                                                         num_steps=nfe, **cond)
 
     def state(self) -> Dict[str, Any]:
         return {"teacher_prediction_type": self.teacher_prediction_type}
