@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="x-MSE weight: max(SNR, 1) (the paper's), SNR + 1 (= the v-MSE) or SNR (= the eps-MSE); auto: "
                        "SNR for epsilon students, max(SNR, 1) otherwise.")
     group.add_argument("--scale_lr_with_steps", action=argparse.BooleanOptionalAction, default=True,
-                       help="An N-step epsilon student trains at --learning_rate x min(1, 4 / N) (its target differs from "
-                       "its teacher by the DDIM error, O(1/N)); v/x students at --learning_rate.")
+                       help="An N-step epsilon or x student trains at --learning_rate x min(1, 4 / N) (its target "
+                       "differs from its teacher by the DDIM error, O(1/N)); v students at --learning_rate.")
     group.add_argument("--prediction_type", type=str, default="auto", choices=["auto", "epsilon", "sample", "v_prediction"],
                        help="The students' parameterization; auto: the teacher's, except that an epsilon teacher's "
                        "students predict v from --parameterization_switch_steps on.")

@@ -91,6 +91,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from diffusers_pd import ProgressiveDistillationScheduler, __version__, checkpoints, cosine_trained_betas, data, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from diffusers_pd.clipping import ClippedTeacher, teacher_clip_range  # noqa: E402
 from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.export import card_front_matter, ddim_scheduler, ddpm_scheduler, save_pipeline_folder  # noqa: E402
 from diffusers_pd.loading import public_name  # noqa: E402
@@ -309,15 +310,28 @@ def model_card(args, where: str, command: str, parameters: int, cost: dict, fina
     )
 
 
+def stock_scheduler(scheduler_config):
+    """The teacher folder's scheduler: a deterministic trailing DDIMScheduler for the cosine log-SNR table, a stock
+    DDPMScheduler (as Hub DDPM checkpoints) for a beta schedule."""
+    if scheduler_config.get("trained_betas") is not None:
+        return ddim_scheduler(scheduler_config)
+    return ddpm_scheduler(scheduler_config)
+
+
+def grid_model(unet, scheduler_config):
+    """The UNet as its sample grids show it: x-hat clamped where distillation will clamp it (`teacher_clip_range`)."""
+    stock_config = dict(stock_scheduler(scheduler_config).config)
+    clip_range = teacher_clip_range(stock_config)
+    return ClippedTeacher(unet, stock_config, clip_range) if clip_range else unet
+
+
 def save_teacher(folder: Path, unet, scheduler_config, files: dict) -> None:
-    """Write the teacher as a stock DDPMPipeline folder with `files`, atomically: a deterministic trailing
-    DDIMScheduler for the cosine log-SNR table, a stock DDPMScheduler (as Hub DDPM checkpoints) for a beta schedule."""
+    """Write the teacher as a stock DDPMPipeline folder (`stock_scheduler`) with `files`, atomically."""
     if scheduler_config.get("trained_betas") is not None:
         metadata = {"method": "teacher", "schedule": "cosine_logsnr", "logsnr_min": -20.0, "logsnr_max": 20.0}
-        stock = ddim_scheduler(scheduler_config)
     else:
         metadata = {"method": "teacher", "schedule": scheduler_config["beta_schedule"]}
-        stock = ddpm_scheduler(scheduler_config)
+    stock = stock_scheduler(scheduler_config)
     save_pipeline_folder(folder, unet, stock, {**metadata, "diffusers_pd_version": __version__}, files)
 
 
@@ -438,7 +452,8 @@ def train(args, argv) -> int:
             if ema is not None:
                 ema.store(model.parameters())
                 ema.copy_to(model.parameters())
-            grid = sample_grid(model, scheduler.config, args.num_inference_steps, args.num_grid_images, device)
+            grid = sample_grid(grid_model(model, scheduler.config), scheduler.config, args.num_inference_steps,
+                               args.num_grid_images, device)
             if ema is not None:
                 ema.restore(model.parameters())
             training.log_grid(accelerator, grid, global_step)
@@ -472,7 +487,8 @@ def train(args, argv) -> int:
                 "parameters": parameters, "num_processes": world, "device": device.type,
                 "mixed_precision": accelerator.mixed_precision}
         command = training.command_line(__file__, argv, world, public=True)
-        grid = sample_grid(unet, scheduler.config, args.num_inference_steps, args.num_grid_images, device)
+        grid = sample_grid(grid_model(unet, scheduler.config), scheduler.config, args.num_inference_steps,
+                           args.num_grid_images, device)
         training.log_grid(accelerator, grid, progress["global_step"])
         card = ModelCard(model_card(args, args.hub_model_id or teacher_dir.resolve().name, command, parameters, cost, final_loss))
         save_teacher(teacher_dir, unet, scheduler.config, {

@@ -192,16 +192,17 @@ def test_epsilon_students_regress_their_eps_mse_and_others_the_truncated_snr_x_m
         student_loss_weighting(prediction_type="epsilon", loss_weighting="eps_mse")
 
 
-def test_epsilon_students_learning_rate_falls_as_one_over_their_steps_down_to_the_switch():
-    """lr_N = lr * min(1, 4 / N) for an eps student (its target moves by the teacher's O(1/N) DDIM error); v / x
+def test_epsilon_and_x_students_learning_rate_falls_as_one_over_their_steps_down_to_the_switch():
+    """lr_N = lr * min(1, 4 / N) for an eps or x student (its target moves by the teacher's O(1/N) DDIM error); v
     students, and --no-scale_lr_with_steps, keep lr."""
     steps = [512, 32, 16, 8, 4, 2, 1]
-    rates = [student_learning_rate(learning_rate=3e-4, steps=n, prediction_type="epsilon") for n in steps]
-    assert rates == pytest.approx([3e-4 / 128, 3e-4 / 8, 3e-4 / 4, 3e-4 / 2, 3e-4, 3e-4, 3e-4], rel=1e-12)
-    assert [n * r for n, r in zip(steps, rates) if n >= EPSILON_SWITCH_STEPS] == pytest.approx([1.2e-3] * 5, rel=1e-12)
-    for prediction_type in ("v_prediction", "sample"):
-        assert {student_learning_rate(learning_rate=3e-4, steps=n, prediction_type=prediction_type) for n in steps} == {3e-4}
-    assert {student_learning_rate(learning_rate=3e-4, steps=n, prediction_type="epsilon", scale=False) for n in steps} == {3e-4}
+    for prediction_type in ("epsilon", "sample"):
+        rates = [student_learning_rate(learning_rate=3e-4, steps=n, prediction_type=prediction_type) for n in steps]
+        assert rates == pytest.approx([3e-4 / 128, 3e-4 / 8, 3e-4 / 4, 3e-4 / 2, 3e-4, 3e-4, 3e-4], rel=1e-12)
+        assert [n * r for n, r in zip(steps, rates) if n >= EPSILON_SWITCH_STEPS] == pytest.approx([1.2e-3] * 5, rel=1e-12)
+        assert {student_learning_rate(learning_rate=3e-4, steps=n, prediction_type=prediction_type, scale=False)
+                for n in steps} == {3e-4}
+    assert {student_learning_rate(learning_rate=3e-4, steps=n, prediction_type="v_prediction") for n in steps} == {3e-4}
 
 
 def test_stage_plan_refuses_a_switch_below_one_step():

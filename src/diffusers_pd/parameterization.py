@@ -153,9 +153,9 @@ def student_loss_weighting(*, prediction_type: str, loss_weighting: str = "auto"
 
 
 def student_learning_rate(*, learning_rate: float, steps: int, prediction_type: str, scale: bool = True) -> float:
-    """Peak lr of an N-step student: learning_rate * min(1, EPSILON_SWITCH_STEPS / N) for an epsilon student (`scale`),
-    learning_rate otherwise."""
-    if scale and check_prediction_type(prediction_type) == "epsilon":
+    """Peak lr of an N-step student: learning_rate * min(1, EPSILON_SWITCH_STEPS / N) for an epsilon or sample (x)
+    student (`scale`), learning_rate for v."""
+    if scale and check_prediction_type(prediction_type) in ("epsilon", "sample"):
         return learning_rate * min(1.0, EPSILON_SWITCH_STEPS / steps)
     return learning_rate
 

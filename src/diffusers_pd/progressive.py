@@ -75,7 +75,7 @@ class ProgressiveDistillation(DistillationMethod):
         loss_weighting: `"truncated_snr"`, `"snr_plus_one"`, `"snr"`, or `"auto"` (`student_loss_weighting`: the eps-MSE for
             an epsilon student, truncated_snr otherwise).
         learning_rate: peak learning rate, decaying linearly to 0 over each stage.
-        scale_lr_with_steps: an N-step epsilon student's peak is learning_rate x min(1, 4 / N) (`student_learning_rate`).
+        scale_lr_with_steps: an N-step epsilon or sample (x) student's peak is learning_rate x min(1, 4 / N) (`student_learning_rate`).
         teacher_clip_sample: "auto", "on" or "off": whether the original teacher's x-hat is clamped in its DDIM steps
             (`clipping.teacher_clip_range`; auto: as its scheduler config's clip_sample says).
     """
