@@ -40,6 +40,16 @@ TEXT_FLAGS = ("guidance_embedding_dim", "guidance_embedding_lr_scale", "caption_
 SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "num_trajectories", "grid", "second_stage",
              "second_stage_trajectories", "second_stage_learning_rate")
 DEFAULT_LEARNING_RATE = {"progressive": 3e-4, "sfd": 5e-5}
+# progressive-distillation flags that guided distillation (conditional teachers) does not read
+UNCONDITIONAL_PD_FLAGS = ("scale_lr_with_steps", "parameterization_switch_steps", "conversion_stage", "teacher_clip_sample")
+
+
+def refuse_unconditional_flags(args) -> None:
+    """One clear line for a flag of unconditional progressive distillation given with a conditional teacher."""
+    for name in UNCONDITIONAL_PD_FLAGS:
+        if name in args.given:
+            raise ValueError(f"--{name} applies to unconditional teachers only; guided distillation of this conditional "
+                             "teacher does not read it: drop it.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -276,6 +286,7 @@ def validate_text_to_image(args):
         raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}.")
     ProgressiveDistillationScheduler.from_config(scheduler_config)  # schedule and prediction-type checks
     if args.method == "progressive":
+        refuse_unconditional_flags(args)
         check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
         if args.fold_guidance_scale:
             check_foldable_range(args.guidance_scale_min, args.guidance_scale_max)
@@ -306,6 +317,7 @@ def validate_class_conditional(args, teacher, scheduler_config):
         raise ValueError("Pass the teacher's labelled training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or "
                          "--train_data_dir DIR, with --label_column.")
     if args.method == "progressive":
+        refuse_unconditional_flags(args)
         check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
         stage_steps(args.start_steps, args.end_steps)
         check_start_steps(args.start_steps, scheduler_config)

@@ -147,6 +147,7 @@ BAD_INPUTS = {
                    r"This teacher's UNet has no guidance input: pass one scale"),
     "no_null_class": (["--null_class", "9"], r"needs a null class that no image has"),
     "label_column": (["--label_column", "digit"], r"label column 'digit' not found"),
+    "unconditional_flag": (["--teacher_clip_sample", "on"], r"--teacher_clip_sample applies to unconditional teachers only"),
     "text_flag": (["--caption_column", "text"], r"--caption_column is for text-to-image teachers"),
     "fold_flag": (["--guidance_scale_min", "3", "--guidance_scale_max", "3", "--fold_guidance_scale"],
                   r"--fold_guidance_scale is for text-to-image teachers: a class-conditional UNet2DModel has no guidance "

@@ -341,6 +341,8 @@ BAD_INPUTS = {
     "reversed_scales": (["--train_data_dir", "{captions}", "--guidance_scale_min", "4", "--guidance_scale_max", "2"],
                         r"--guidance_scale_min 4.0 exceeds --guidance_scale_max 2.0: swap them"),
     "caption_column": (["--train_data_dir", "{captions}", "--caption_column", "prompt"], r"caption column 'prompt' not found"),
+    "unconditional_flag": (["--train_data_dir", "{captions}", "--conversion_stage"],
+                           r"--conversion_stage applies to unconditional teachers only"),
     "resolution": (["--train_data_dir", "{captions}", "--resolution", "32"], r"--resolution 32 gives 16-pixel latents"),
     "sfd_without_captions": (["--method", "sfd"], r"Pass the teacher's image-caption data: --train_data_dir DIR"),
     "sfd_guidance_flag": (["--method", "sfd", "--train_data_dir", "{captions}", "--guidance_embedding_dim", "8"],
