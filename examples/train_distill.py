@@ -354,7 +354,7 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
             guidance_iterations=args.guidance_iterations or args.iterations_per_stage,
             iterations_per_stage=args.iterations_per_stage, start_steps=args.start_steps, end_steps=args.end_steps,
             prediction_type=args.prediction_type, learning_rate=args.learning_rate,
-            embedding_lr_scale=args.guidance_embedding_lr_scale if args.guidance_embedding_lr_scale is not None else 1.0,
+            embedding_lr_scale=args.guidance_embedding_lr_scale,
             loss_weighting="truncated_snr" if args.loss_weighting == "auto" else args.loss_weighting,  # not measured there
         )
     sample_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)

@@ -22,7 +22,7 @@ import torch
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from .parameterization import clip_output
-from .schedules import alpha_sigma_interpolated, alphas_cumprod_from_config
+from .schedules import alpha_sigma_interpolated, alphas_cumprod_from_config, broadcast_like
 
 CLIP_MODES = ("auto", "on", "off")
 # An epsilon teacher whose alpha at its last train timestep is below this breaks at the first trailing step: x-hat =
@@ -90,8 +90,7 @@ class ClippedTeacher(torch.nn.Module):
         timesteps = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).cpu()
         alpha, sigma = alpha_sigma_interpolated(self.alphas_cumprod, timesteps)
         dtype = torch.promote_types(output.dtype, torch.float32)
-        shape = (-1,) + (1,) * (sample.ndim - 1)
-        alpha, sigma = (value.to(sample.device, dtype).reshape(shape) for value in (alpha, sigma))
+        alpha, sigma = broadcast_like(sample, alpha, sigma, dtype=dtype)
         clipped = clip_output(output=output.to(dtype), z=sample.to(dtype), alpha=alpha, sigma=sigma,
                               prediction_type=self.prediction_type, clip_range=self.clip_range)
         return UNet2DOutput(sample=clipped.to(output.dtype))

@@ -18,7 +18,7 @@ import torch
 from .guidance import cfg_combine
 from .parameterization import check_prediction_type, x_eps_from_output
 from .scheduler import check_parameterization_fits_schedule
-from .schedules import alpha_sigma_interpolated, alphas_cumprod_from_config
+from .schedules import alpha_sigma_interpolated, alphas_cumprod_from_config, broadcast_like
 
 
 class Denoiser:
@@ -57,10 +57,8 @@ class Denoiser:
         timesteps = torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu()
         if alpha is None or sigma is None:
             alpha, sigma = self.alpha_sigma(timesteps)
-        dtype = torch.promote_types(z.dtype, torch.float32)
-        shape = (-1,) + (1,) * (z.ndim - 1)
-        alpha = torch.as_tensor(alpha, dtype=dtype).reshape(shape).to(z.device)
-        sigma = torch.as_tensor(sigma, dtype=dtype).reshape(shape).to(z.device)
+        alpha, sigma = broadcast_like(z, alpha, sigma)
+        dtype = alpha.dtype
         model_dtype = next(self.unet.parameters()).dtype
         model_timesteps = timesteps.to(z.device, torch.float32).expand(z.shape[0])
         cond = {key: value.to(model_dtype) if torch.is_tensor(value) and value.is_floating_point() else value

@@ -37,7 +37,7 @@ from .parameterization import (
     x_eps_from_output,
     x_from_ddim_endpoints,
 )
-from .schedules import alpha_sigma_at, alphas_cumprod_from_config, betas_from_alphas_cumprod, trailing_timesteps
+from .schedules import alpha_sigma_at, alphas_cumprod_from_config, betas_from_alphas_cumprod, broadcast_like, trailing_timesteps
 
 logger = get_logger(__name__)
 
@@ -223,10 +223,7 @@ class ProgressiveDistillationScheduler(SchedulerMixin, ConfigMixin):
         """(alpha_t, sigma_t) per timestep (-1: the clean sample, (1, 0)), shaped to broadcast against `like`, on its
         device, in its dtype promoted to at least float32."""
         timesteps = self.checked_timesteps(timesteps, allow_clean=True)
-        alpha, sigma = alpha_sigma_at(self.alphas_cumprod, timesteps)
-        shape = (-1,) + (1,) * (like.ndim - 1)
-        dtype = torch.promote_types(like.dtype, torch.float32)
-        return alpha.to(like.device, dtype).reshape(shape), sigma.to(like.device, dtype).reshape(shape)
+        return broadcast_like(like, *alpha_sigma_at(self.alphas_cumprod, timesteps))
 
     # ------------------------------------------------------------------ diffusers API
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:

@@ -165,6 +165,14 @@ def timestep_at(edm_sigma_table, edm_sigma) -> torch.Tensor:
     return (low + weight).reshape(log_sigma.shape)
 
 
+def broadcast_like(like: torch.Tensor, *values, dtype=None) -> Tuple[torch.Tensor, ...]:
+    """Each value (a number, or one per sample) as a (batch, 1, ..., 1) tensor on `like`'s device in `dtype` (default:
+    `like`'s dtype promoted to at least float32), to broadcast against `like`."""
+    dtype = dtype or torch.promote_types(like.dtype, torch.float32)
+    shape = (-1,) + (1,) * (like.ndim - 1)
+    return tuple(torch.as_tensor(value, dtype=dtype, device=like.device).reshape(shape) for value in values)
+
+
 def alpha_sigma_interpolated(alphas_cumprod, timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
     """(alpha_t, sigma_t) at any, possibly fractional, timestep: `alpha_sigma_at` at integers, log-s interpolation between."""
     timesteps = torch.as_tensor(timesteps, dtype=torch.float64)
