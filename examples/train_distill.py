@@ -31,7 +31,7 @@ REFERENCE_TEACHER = Path(__file__).resolve().parent / "reference_teacher"
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_data_dir", "image_column", "split", "cache_dir", "resolution",
               "center_crop", "random_flip", "dataloader_num_workers")
 PD_ONLY_FLAGS = ("start_steps", "end_steps", "iterations_per_stage", "loss_weighting", "scale_lr_with_steps",
-                 "prediction_type", "parameterization_switch_steps", "conversion_stage", "teacher_clip_sample")
+                 "prediction_type", "parameterization_switch_steps", "conversion_stage")
 PD_FLAGS = (*PD_ONLY_FLAGS, *DATA_FLAGS)
 GUIDED_FLAGS = ("guidance_scale_min", "guidance_scale_max", "guidance_iterations", "guidance_embedding_dim",
                 "guidance_embedding_lr_scale", "fold_guidance_scale")  # not SFD's
@@ -40,7 +40,7 @@ TEXT_FLAGS = ("guidance_embedding_dim", "guidance_embedding_lr_scale", "caption_
 SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "num_trajectories", "grid", "second_stage",
              "second_stage_trajectories", "second_stage_learning_rate")
 DEFAULT_LEARNING_RATE = {"progressive": 3e-4, "sfd": 5e-5}
-# progressive-distillation flags that guided distillation (conditional teachers) does not read
+# flags of unconditional distillation that the distillation of a conditional teacher does not read
 UNCONDITIONAL_PD_FLAGS = ("scale_lr_with_steps", "parameterization_switch_steps", "conversion_stage", "teacher_clip_sample")
 
 
@@ -48,7 +48,7 @@ def refuse_unconditional_flags(args) -> None:
     """One clear line for a flag of unconditional progressive distillation given with a conditional teacher."""
     for name in UNCONDITIONAL_PD_FLAGS:
         if name in args.given:
-            raise ValueError(f"--{name} applies to unconditional teachers only; guided distillation of this conditional "
+            raise ValueError(f"--{name} applies to unconditional teachers only; distillation of this conditional "
                              "teacher does not read it: drop it.")
 
 
@@ -88,8 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "parameterization (one teacher call per sample).")
     group.add_argument("--teacher_clip_sample", type=str, default="auto", choices=["auto", "on", "off"],
                        help="Clamp the teacher's x-hat to [-clip_sample_range, clip_sample_range] in its DDIM steps "
-                       "(targets, references, baselines); auto: where its scheduler config says clip_sample (the Hub's "
-                       "DDPM checkpoints do). Students are never clipped.")
+                       "(targets, references, baselines) and, with --method sfd, in its solver; auto: where its scheduler "
+                       "config says clip_sample (the Hub's DDPM checkpoints do) and an eps teacher breaks without it "
+                       "(alpha < 1e-3 at t = T). Students are never clipped.")
     group = parser.add_argument_group("SFD (--method sfd)")
     group.add_argument("--nfe", type=int, nargs="+", default=[4],
                        help="The student's network calls per sample; several (e.g. 2 3 4 5) train one SFD-v student for all.")
@@ -285,8 +286,8 @@ def validate_text_to_image(args):
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise ValueError(f"--proportion_empty_prompts must lie in [0, 1], got {args.proportion_empty_prompts}.")
     ProgressiveDistillationScheduler.from_config(scheduler_config)  # schedule and prediction-type checks
+    refuse_unconditional_flags(args)  # SFD refused the others as progressive-only flags already
     if args.method == "progressive":
-        refuse_unconditional_flags(args)
         check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
         if args.fold_guidance_scale:
             check_foldable_range(args.guidance_scale_min, args.guidance_scale_max)
@@ -316,8 +317,8 @@ def validate_class_conditional(args, teacher, scheduler_config):
     if args.dataset_name is None and args.train_data_dir is None:
         raise ValueError("Pass the teacher's labelled training data: --dataset_name NAME (or `digits`, `fashion_mnist`) or "
                          "--train_data_dir DIR, with --label_column.")
+    refuse_unconditional_flags(args)  # SFD refused the others as progressive-only flags already
     if args.method == "progressive":
-        refuse_unconditional_flags(args)
         check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
         stage_steps(args.start_steps, args.end_steps)
         check_start_steps(args.start_steps, scheduler_config)
@@ -378,7 +379,7 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
         afs=args.afs, teacher_solver=args.teacher_solver, teacher_steps_per_step=args.teacher_steps_per_step,
         loss=args.loss, grid=args.grid, learning_rate=args.learning_rate, second_stage=args.second_stage,
         second_stage_iterations=math.ceil(second / global_batch), second_stage_learning_rate=args.second_stage_learning_rate,
-        conditioning=conditioning,
+        conditioning=conditioning, teacher_clip_sample=args.teacher_clip_sample,
     )
 
 

@@ -6,7 +6,9 @@ from conftest import tiny_unet
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from diffusers_pd.clipping import ClippedTeacher, epsilon_breaks_at_first_step, teacher_clip_range
+from diffusers_pd.method import LoopContext
 from diffusers_pd.pipeline import ddim_samples
+from diffusers_pd.sfd import SimpleFastDistillation, solver_samples
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
@@ -60,3 +62,29 @@ def test_an_epsilon_teacher_that_breaks_at_the_first_step_gets_v_students_from_t
     types = [entry["prediction_type"] for entry in stage_plan(stage_steps=[32, 16, 8, 4], teacher_prediction_type="epsilon",
                                                               epsilon_breaks_at_first_step=True)]
     assert types == ["v_prediction"] * 4
+
+
+def test_sfd_clips_the_teachers_solver_and_refuses_an_eps_student_whose_first_call_breaks():
+    config = ddpm_config("squaredcos_cap_v2")  # eps, alpha_T 4.9e-5, clip_sample True by DDPM's default
+    unet = tiny_unet()
+    with torch.no_grad():
+        unet.conv_out.bias.add_(3.0)  # x-hat far outside [-1, 1]
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    method = SimpleFastDistillation(config, shape, nfes=[2], iterations=1, afs=True, grid="trailing")
+    assert method.teacher_clip_range == 1.0
+    assert method.card_training(method.stages()[0], 4)["teacher x-hat"] == "clamped to [-1, 1] (its clip_sample)"
+    latents = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+    fine = method.losses[2].teacher_grid
+    reference = method.reference_sampler()(unet, latents)  # DPM-Solver++(3M) ends on the clamped x-hat
+    torch.testing.assert_close(reference, solver_samples(ClippedTeacher(unet, config, 1.0), latents,
+                                                         scheduler_config=config, solver="dpm_solver_3m", grid=fine))
+    unclipped = solver_samples(unet, latents, scheduler_config=config, solver="dpm_solver_3m", grid=fine)
+    assert reference.abs().max() <= 1.0 + 1e-5 < unclipped.abs().max()
+    ctx = LoopContext(torch.device("cpu"), 0, 1, 4, 1, 0)
+    assert isinstance(method.batch(method.stages()[0], 0, unet, ctx).teacher, ClippedTeacher)  # the training targets too
+    assert SimpleFastDistillation(config, shape, nfes=[2], iterations=1, teacher_clip_sample="off").teacher_clip_range is None
+    # the student is eps and sampled unclipped: a first call at t = T would divide its error by alpha_T
+    with pytest.raises(ValueError, match=r"trailing grid starts at alpha 4.9e-05.*keep --afs .* or pass --grid sfd"):
+        SimpleFastDistillation(config, shape, nfes=[2], iterations=1, afs=False, grid="trailing")
+    SimpleFastDistillation(config, shape, nfes=[2], iterations=1, afs=False, grid="sfd")  # starts at sigma 80
+    SimpleFastDistillation(ddpm_config("linear"), shape, nfes=[2], iterations=1, afs=False)  # not clipped: as before

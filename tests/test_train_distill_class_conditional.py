@@ -130,6 +130,7 @@ SFD_BAD_INPUTS = {
     "guidance_flag": (["--guidance_scale_max", "3"], r"--guidance_scale_max is not a flag of --method sfd: drop it \(SFD "
                                                      r"distils a conditional teacher at s = 1"),
     "no_null_class": (["--null_class", "9"], r"needs a null class that no image has"),
+    "unconditional_flag": (["--teacher_clip_sample", "on"], r"--teacher_clip_sample applies to unconditional teachers only"),
 }
 
 

@@ -11,7 +11,9 @@ two-step targets, the fidelity references and the teacher's DDIM baselines) are 
 `clip_sample=True, use_clipped_model_output=True` on the trailing grid. Students are never clipped: they are saved
 for, and sampled by, stock unclipped schedulers (an eps student on such a schedule breaks there too, so
 `parameterization.stage_plan` gives it v from the first stage). `--teacher_clip_sample auto` (the default) clips
-where the config says `clip_sample` AND the teacher `epsilon_breaks_at_first_step`; `on` / `off` force it.
+where the config says `clip_sample` AND the teacher `epsilon_breaks_at_first_step`; `on` / `off` force it. Both
+methods read it: progressive distillation clips the original teacher's DDIM steps, SFD its solver's trajectories (the
+data prediction of DPM-Solver++ is the same x-hat).
 """
 
 import inspect
@@ -61,6 +63,16 @@ def teacher_clip_range(scheduler_config: Mapping, mode: str = "auto") -> Optiona
     if clip_range <= 0:
         raise ValueError(f"clip_sample_range {clip_range} of the teacher's scheduler config must be positive.")
     return clip_range
+
+
+def clipped_teacher(unet: torch.nn.Module, scheduler_config: Mapping, clip_range: Optional[float]) -> torch.nn.Module:
+    """`unet` with its x-hat clamped to [-clip_range, clip_range] (`ClippedTeacher`), or `unet` itself for None."""
+    return ClippedTeacher(unet, scheduler_config, clip_range) if clip_range else unet
+
+
+def clip_card_row(clip_range: Optional[float]) -> str:
+    """The model card's "teacher x-hat" row."""
+    return f"clamped to [-{clip_range:g}, {clip_range:g}] (its clip_sample)" if clip_range else "unclipped"
 
 
 class ClippedTeacher(torch.nn.Module):

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .clipping import ClippedTeacher, epsilon_breaks_at_first_step, teacher_clip_range
+from .clipping import clip_card_row, clipped_teacher, epsilon_breaks_at_first_step, teacher_clip_range
 from .loss import ParameterizationConversionLoss, ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
 from .parameterization import stage_plan, student_learning_rate, student_loss_weighting
@@ -164,15 +164,14 @@ class ProgressiveDistillation(DistillationMethod):
 
     def card_training(self, stage: Stage, global_batch: int) -> Dict[str, Any]:
         entry = self.plan[stage.index]
-        clip = self.teacher_clip_range
         return {"iterations per stage": stage.iterations, "global batch size": global_batch,
                 "learning rate": f"{entry['learning_rate']:.4g} (linear decay to 0 per stage)",
                 "loss weighting": entry["loss_weighting"],
-                "teacher x-hat": f"clamped to [-{clip:g}, {clip:g}] (its clip_sample)" if clip else "unclipped"}
+                "teacher x-hat": clip_card_row(self.teacher_clip_range)}
 
     def clipped(self, teacher):
         """The original teacher as its DDIM steps see it: x-hat clamped where `teacher_clip_range` says so."""
-        return ClippedTeacher(teacher, self.teacher_config, self.teacher_clip_range) if self.teacher_clip_range else teacher
+        return clipped_teacher(teacher, self.teacher_config, self.teacher_clip_range)
 
     def reference_sampler(self):
         """The original teacher's DDIM at `start_steps`: what every stage distils."""

@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from .clipping import EPSILON_MIN_ALPHA, clip_card_row, clipped_teacher, teacher_clip_range
 from .denoiser import Denoiser, GuidedDenoiser
 from .grids import Grid, nested_indices, student_grid, teacher_grid
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
@@ -158,6 +159,17 @@ def check_nfe(nfe: int, *, afs: bool, num_train_timesteps: int, second_stage: bo
     return num_steps
 
 
+def check_first_call(grid: Grid, afs: bool, scheduler_config: Mapping, *, clipped: bool) -> None:
+    """Refuse an epsilon student of a clipped teacher whose first network call is at alpha < EPSILON_MIN_ALPHA: stock
+    schedulers sample it unclipped, and x-hat = (z - sigma eps) / alpha there multiplies its eps error by > 1,000."""
+    alpha = float(grid.alphas[1 if afs else 0])
+    if clipped and scheduler_config.get("prediction_type") == "epsilon" and alpha < EPSILON_MIN_ALPHA:
+        raise ValueError(
+            f"This epsilon teacher's {grid.kind} grid starts at alpha {alpha:.2g}: its eps student, sampled unclipped, "
+            f"would break at its first call (x-hat multiplies eps errors by {1 / alpha:,.0f}); keep --afs (the first "
+            "step analytic) or pass --grid sfd.")
+
+
 def student_nfe(grid: Grid, afs: bool) -> int:
     """Network calls of a student sampling `grid` with one Euler step per interval: N - AFS."""
     return grid.num_steps - int(afs)
@@ -216,7 +228,8 @@ class SFDBatch(Batch):
         noise = torch.randn((ctx.global_batch_size, *method.sample_shape), generator=generator)
         self.noise = ctx.rank_slice(noise).to(ctx.device)
         self.data_cond = method.trajectory_cond(generator, ctx)
-        self.method, self.teacher = method, teacher
+        self.method = method
+        self.teacher = method.clipped(teacher) if stage.index == 0 else teacher  # the original teacher is stage one's
         self.loss_fn = method.loss_for(stage, self.nfe)
         self.cond = method.student_cond(stage, self.nfe, self.noise.shape[0], ctx.device)
         self.steps = list(self.loss_fn.trained_steps)
@@ -251,6 +264,8 @@ class SimpleFastDistillation(DistillationMethod):
             conditioned on a caption or label drawn from its data, at s = 1; its students are saved as that adapter
             saves them (a stock StableDiffusionPipeline; a class-conditional DDPMPipeline folder) and sampled with
             classifier-free guidance at any s. None: an unconditional teacher.
+        teacher_clip_sample: "auto", "on" or "off": whether the original teacher's x-hat is clamped in its solver
+            steps (`clipping.teacher_clip_range`, as progressive distillation's DDIM steps); students never are.
     """
 
     name = "sfd"
@@ -260,8 +275,10 @@ class SimpleFastDistillation(DistillationMethod):
     def __init__(self, scheduler_config: Mapping, sample_shape, *, nfes, iterations: int, afs: bool = True,
                  teacher_solver: str = "dpm_solver_3m", teacher_steps_per_step: int = 4, loss: str = "l1",
                  grid: str = "trailing", learning_rate: float = 5e-5, second_stage: bool = False,
-                 second_stage_iterations: Optional[int] = None, second_stage_learning_rate: float = 5e-4, conditioning=None):
+                 second_stage_iterations: Optional[int] = None, second_stage_learning_rate: float = 5e-4, conditioning=None,
+                 teacher_clip_sample: str = "auto"):
         self.config = dict(scheduler_config)
+        self.teacher_clip_range = teacher_clip_range(self.config, teacher_clip_sample)
         self.sample_shape = tuple(sample_shape)
         self.conditioning = conditioning
         self.nfes = sorted(set(int(nfe) for nfe in nfes))
@@ -286,6 +303,7 @@ class SimpleFastDistillation(DistillationMethod):
             grid_n = student_grid(self.config, check_nfe(nfe, afs=afs, num_train_timesteps=T), grid)
             fine = teacher_grid(grid_n, teacher_steps_per_step, self.config)
             self.losses[nfe] = SFDLoss(grid_n, fine, teacher_solver=teacher_solver, afs=afs, loss=loss)
+            check_first_call(grid_n, afs, self.config, clipped=self.teacher_clip_range is not None)
         if second_stage:
             top = self.losses[self.nfes[-1]]
             self.second_loss = SFDLoss.second_stage(student_grid(self.config, 1, grid), top.student_grid,
@@ -315,6 +333,10 @@ class SimpleFastDistillation(DistillationMethod):
         if stage.index == 0 and self.conditioned:
             return add_step_embedding(teacher, max(self.nfes)).train().requires_grad_(True)
         return copy.deepcopy(teacher).train().requires_grad_(True)
+
+    def clipped(self, teacher):
+        """The original teacher as its solver sees it: x-hat clamped where `teacher_clip_range` says so."""
+        return clipped_teacher(teacher, self.config, self.teacher_clip_range)
 
     def denoiser(self, unet) -> Denoiser:
         """D(z, t, cond) of a teacher or student (all share the teacher's schedule and prediction_type)."""
@@ -385,6 +407,7 @@ class SimpleFastDistillation(DistillationMethod):
                 "learning rate": f"{lr} (x 0.1 at half of the budget)", "loss": self.loss,
                 "teacher solver": f"{self.teacher_solver}, K = {self.teacher_steps_per_step}" if stage.index == 0 else
                 "stage-one student, its own sampler",
+                **({"teacher x-hat": clip_card_row(self.teacher_clip_range)} if stage.index == 0 else {}),
                 **({} if self.conditioning is None else {"condition": f"{self.conditioning.key} from the data, at s = 1"})}
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
@@ -393,8 +416,10 @@ class SimpleFastDistillation(DistillationMethod):
     def reference_sampler(self):
         """The teacher's solver on the fine grid of the largest-NFE student: that student's training target (a
         conditional teacher: on the validation conditions, at s = 1)."""
-        return self.validated(partial(solver_samples, scheduler_config=self.config, solver=self.teacher_solver,
-                                      grid=self.losses[self.nfes[-1]].teacher_grid))
+        sampler = partial(solver_samples, scheduler_config=self.config, solver=self.teacher_solver,
+                          grid=self.losses[self.nfes[-1]].teacher_grid)
+        return self.validated(lambda unet, latents, **cond: sampler(self.clipped(unet), latents, **cond))
 
     def teacher_baseline(self, nfe: int):
-        return self.validated(partial(ddim_samples, scheduler_config=self.config, num_steps=nfe))
+        sampler = partial(ddim_samples, scheduler_config=self.config, num_steps=nfe)
+        return self.validated(lambda unet, latents, **cond: sampler(self.clipped(unet), latents, **cond))
