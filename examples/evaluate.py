@@ -45,6 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dpm_solver_nfe", type=int, nargs="*", default=None,
                         help="NFEs of the DPM-Solver++(2M) rows; None: --nfe; the flag alone: no such rows.")
     parser.add_argument("--teacher_steps", type=int, default=256, help="Steps of the ceiling row (0: no ceiling).")
+    parser.add_argument("--teacher_clip_sample", default="auto", choices=["auto", "on", "off"],
+                        help="Clamp the teacher's x-hat in its rows, as train_distill.py's flag (auto: where its config "
+                        "says clip_sample and an eps teacher breaks at t = T); such rows are labelled 'x-hat clipped'. "
+                        "Students are never clipped.")
     parser.add_argument("--num_samples", type=int, default=10000, help="Samples per row.")
     parser.add_argument("--batch_size", type=int, default=256, help="Samples per batch (sampling and features).")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise, the same for every row.")
@@ -79,6 +83,7 @@ from PIL import Image  # noqa: E402
 
 from diffusers_pd import ProgressiveDistillationScheduler, denoise, initial_noise, student_steps  # noqa: E402
 from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
+from diffusers_pd.clipping import clipped_teacher, teacher_clip_range  # noqa: E402
 from diffusers_pd.data import image_transform, load_image_dataset  # noqa: E402
 from diffusers_pd.export import schedule_kwargs  # noqa: E402
 from diffusers_pd.scheduler import METADATA_KEY  # noqa: E402
@@ -169,11 +174,13 @@ def build_rows(args, teacher: DiffusionPipeline, students: dict) -> list:
     student_nfe = sorted({row.nfe for row in rows})
     nfes = sorted(set(args.nfe or student_nfe or DEFAULT_NFE))
     config = teacher.scheduler.config
-    rows += [Row("teacher DDIM", args.teacher, n, teacher.unet, ddim(config)) for n in nfes]
+    clip_range = teacher_clip_range(config, args.teacher_clip_sample)
+    unet, clipped = clipped_teacher(teacher.unet, config, clip_range), ", x-hat clipped" if clip_range else ""
+    rows += [Row(f"teacher DDIM{clipped}", args.teacher, n, unet, ddim(config)) for n in nfes]
     dpm_nfes = nfes if args.dpm_solver_nfe is None else sorted(set(args.dpm_solver_nfe))
-    rows += [Row("teacher DPM-Solver++(2M)", args.teacher, n, teacher.unet, dpm_solver_2m(config)) for n in dpm_nfes]
+    rows += [Row(f"teacher DPM-Solver++(2M){clipped}", args.teacher, n, unet, dpm_solver_2m(config)) for n in dpm_nfes]
     if args.teacher_steps > 0:
-        ceiling = Row("teacher DDIM (ceiling)", args.teacher, args.teacher_steps, teacher.unet, ddim(config), True)
+        ceiling = Row(f"teacher DDIM{clipped} (ceiling)", args.teacher, args.teacher_steps, unet, ddim(config), True)
         rows.append(ceiling)
     return rows
 
