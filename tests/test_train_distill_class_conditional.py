@@ -14,11 +14,16 @@ step written out (eps-hat = z) and diffusers' own DPMSolverMultistepScheduler of
 
 import json
 import math
+import random
 
 import pytest
 import torch
 from conftest import tiny_unet
-from test_train_distill_robustness import assert_refused, distill_command, run, script_env
+from safetensors.torch import load_file
+from test_train_distill_robustness import (
+    UNET_WEIGHTS, assert_refused, assert_same_students, checkpoint_folders, distill_command, killed_then_resumed,
+    max_abs_diff, one_and_two_processes, run, script_env, unet_weights,
+)
 
 from diffusers_pd import ProgressiveDistillationPipeline
 
@@ -122,6 +127,30 @@ def test_sfd_student_of_a_class_conditional_teacher_is_guided_at_sampling(class_
             uncond, cond = pipe.unet(torch.cat([z, z]), t, class_labels=torch.cat([null, labels])).sample.chunk(2)
             z = scheduler.step(uncond + s * (cond - uncond), t, z).prev_sample
     assert (ours - (z / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
+
+
+def test_sigkilled_class_conditional_sfd_run_resumes_to_the_same_student(class_teacher, tmp_path):
+    # each trajectory's label is drawn from the data by (seed, iteration): the resumed run must draw the same ones
+    common = [*TINY, "--method", "sfd", "--teacher", class_teacher, "--nfe", 2, "--num_trajectories", 48,
+              "--train_batch_size", 4, "--teacher_steps_per_step", 2, "--learning_rate", 1e-3]
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    resumable = [*common, "--output_dir", out_b, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1]
+    killed_then_resumed(common, resumable, out_a, out_b, script_env(tmp_path / "hf_home"), tmp_path / "b.log",
+                        delay=random.Random().uniform(0.0, 0.3),
+                        ready=lambda: any((p / "progress.json").is_file() for p in checkpoint_folders(out_b)))
+    a, b = unet_weights(out_a / "student-2steps"), unet_weights(out_b / "student-2steps")
+    assert max_abs_diff(a, b) <= 1e-6
+    assert max_abs_diff(a, load_file(class_teacher / UNET_WEIGHTS)) > 1e-5  # it trained: equality is not vacuous
+
+
+def test_two_cpu_processes_train_the_same_class_conditional_sfd_student_as_one(class_teacher, tmp_path):
+    # Adam's eps=1 makes its updates linear in the gradient (see the progressive-distillation test of the same name)
+    common = [*TINY, "--method", "sfd", "--teacher", class_teacher, "--nfe", 2, "--num_trajectories", 24,
+              "--teacher_steps_per_step", 2, "--adam_epsilon", 1, "--learning_rate", 0.1]
+    one, two = tmp_path / "one", tmp_path / "two"
+    multi = one_and_two_processes(common, one, two, 4, script_env(tmp_path / "hf_home"))
+    assert_same_students(one, two, load_file(class_teacher / UNET_WEIGHTS), ["student-2steps"])
+    assert multi.stdout.count("SFD of") == 1
 
 
 SFD_BAD_INPUTS = {
