@@ -31,4 +31,8 @@ run() {  # name, teacher flags
 run eps-cosine --prediction_type epsilon --beta_schedule squaredcos_cap_v2 --loss_weighting snr
 run eps-scaled-linear --prediction_type epsilon --beta_schedule scaled_linear --beta_start 0.00085 --beta_end 0.012 --loss_weighting snr
 run x-linear --prediction_type sample --beta_schedule linear --loss_weighting truncated_snr
+# the cosine eps teacher's first two stages at 4x the budget (summary_auto_x4_until16.json)
+[ -f $R/eps-cosine/auto_x4_until16/summary.json ] || python examples/train_distill.py --teacher $R/eps-cosine/teacher \
+  --dataset_name digits --report_to none --iterations_per_stage 1600 --train_batch_size 64 --end_steps 16 \
+  --checkpointing_steps 400 --checkpoints_total_limit 1 --output_dir $R/eps-cosine/auto_x4_until16
 echo LANE2 DONE
