@@ -6,7 +6,8 @@
         --teacher_cost benchmarks/results/fashion-mnist-cpu/teacher_training_cost.json --output runs/fashion-sfd/report
 
 Reads `<sfd_run>/eval/results.json` (examples/evaluate.py), each SFD run's `summary.json` and its students'
-metadata. Cost in forward-pass units per trajectory (a forward + backward counts 3, as benchmarks/distillation_cost.py):
+metadata. Columns are the runs (folders of --sfd_run); the targets read the runs named by --sfd4, --sfd2 and --sfd_v
+(its 1-NFE student is the second stage), and the cost target counts those three runs. Cost in forward-pass units per trajectory (a forward + backward counts 3, as benchmarks/distillation_cost.py):
 stage one K x (NFE + AFS) teacher forwards + 3 x NFE student updates; the second stage NFE_top forwards of the
 stage-one student + 3. Writes sfd_results.md, cost.json, fid_vs_nfe_sfd.png and fid_vs_cost.png to --output.
 """
@@ -35,16 +36,15 @@ def student_info(path: str) -> dict:
         return json.load(handle).get(METADATA_KEY, {})
 
 
-def kind(row: dict) -> str:
-    """Column of a row: PD, SFD, SFD-v, SFD second stage, SFD no AFS, their stock rows, or a teacher sampler."""
+def column(row: dict, sfd_run: str) -> str:
+    """Column of a row: PD, the SFD run that made the student (its folder under --sfd_run; ", stock diffusers" for
+    an AFS student's stock scheduler row), or a teacher sampler."""
     if not row["sampler"].startswith("student"):
         return row["sampler"]
     if "progressive" in row["sampler"]:
         return "PD"
-    info = student_info(row["model"])
-    name = ("SFD second stage" if info.get("second_stage") else "SFD-v" if info.get("sfd_v")
-            else "SFD" if info.get("afs", True) else "SFD no AFS")
-    return name + (", stock diffusers" if "stock diffusers" in row["sampler"] else "")
+    run = os.path.relpath(row["model"].rstrip("/"), sfd_run).split(os.sep)[0]
+    return f"SFD {run}" + (", stock diffusers" if "stock diffusers" in row["sampler"] else "")
 
 
 def run_cost(run_dir: str) -> list:
@@ -81,6 +81,9 @@ def main(argv=None) -> None:
     parser.add_argument("--pd_summary", required=True)
     parser.add_argument("--teacher_cost", required=True)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--sfd4", default="sfd-4", help="Run of the separate 4-NFE student (a folder of --sfd_run).")
+    parser.add_argument("--sfd2", default="sfd-2", help="Run of the separate 2-NFE student.")
+    parser.add_argument("--sfd_v", default="sfd-v", help="Run of the SFD-v student and its 1-NFE second stage.")
     args = parser.parse_args(argv)
     load = lambda path: json.load(open(path))  # noqa: E731
     eval_path = os.path.join(args.sfd_run, "eval", "results.json")
@@ -90,13 +93,12 @@ def main(argv=None) -> None:
         [r for r in sfd_rows if not r["sampler"].startswith("student")]
     fid = {}
     for row in rows:
-        key = "teacher DDIM (ceiling)" if row["ceiling"] else kind(row)
+        key = "teacher DDIM (ceiling)" if row["ceiling"] else column(row, args.sfd_run)
         fid.setdefault(key, {})[row["nfe"]] = row["fid"]
 
     # 1. the side-by-side table (stock rows sit at the NFE they really use: the AFS student's NFE + 1)
-    columns = ["PD", "SFD", "SFD, stock diffusers", "SFD-v", "SFD-v, stock diffusers", "SFD second stage",
-               "SFD no AFS", "teacher DDIM", "teacher DPM-Solver++(2M)"]
-    columns = [c for c in columns if c in fid]
+    sfd_columns = sorted(c for c in fid if c.startswith("SFD "))
+    columns = [c for c in ["PD", *sfd_columns, "teacher DDIM", "teacher DPM-Solver++(2M)"] if c in fid]
     nfes = sorted({n for c in columns for n in fid[c]})
     lines = ["| NFE | " + " | ".join(columns) + " |", "|---:|" + "---:|" * len(columns)]
     lines += [f"| {n} | " + " | ".join(fmt(fid[c].get(n)) for c in columns) + " |" for n in nfes]
@@ -120,7 +122,12 @@ def main(argv=None) -> None:
                          f"{s['teacher_ddim_mse']:.4g} |")
     sfd_time = sum(s["time_s"] for stages in costs.values() for s in stages)
     sfd_units = sum(s["forward_units"] for stages in costs.values() for s in stages)
-    lines += [f"| all SFD runs | | | | {sfd_time:.0f} | {sfd_units:,.0f} | {sfd_units / pd_units:.3f} | | |",
+    target_runs = [run for run in (args.sfd4, args.sfd2, args.sfd_v) if run in costs]
+    set_time = sum(s["time_s"] for run in target_runs for s in costs[run])
+    set_units = sum(s["forward_units"] for run in target_runs for s in costs[run])
+    set_name = " + ".join(target_runs)
+    lines += [f"| {set_name} (the target set) | | | | {set_time:.0f} | {set_units:,.0f} | {set_units / pd_units:.3f} | | |",
+              f"| all SFD runs | | | | {sfd_time:.0f} | {sfd_units:,.0f} | {sfd_units / pd_units:.3f} | | |",
               f"| PD 64 -> 1 | {len(pd_stages)} halvings | | | {pd_time:.0f} | {pd_units:,.0f} | 1.000 | | |",
               f"| teacher training | | | {teacher['optimizer_updates']} | {teacher['train_wall_time_s']:.0f} | "
               f"{teacher_units:,.0f} | {teacher_units / pd_units:.3f} | | |"]
@@ -144,13 +151,15 @@ def main(argv=None) -> None:
         return f"| {what} | {a / b:.3f} ({a:.2f} / {b:.2f}) | <= {bound} | {'yes' if a / b <= bound else 'no'} |"
     get = lambda c, n: fid.get(c, {}).get(n)  # noqa: E731
     lines += ["", "| target | measured | bound | met |", "|---|---|---|---|",
-              target("SFD 4 NFE / PD 4 steps (FID)", get("SFD", 4), get("PD", 4), 1.0),
-              target("SFD 2 NFE / PD 2 steps (FID)", get("SFD", 2), get("PD", 2), 1.0),
-              target("SFD-v 4 NFE / SFD 4 NFE (FID)", get("SFD-v", 4), get("SFD", 4), SFD_V_TOLERANCE),
-              target("SFD-v 2 NFE / SFD 2 NFE (FID)", get("SFD-v", 2), get("SFD", 2), SFD_V_TOLERANCE),
-              target("second stage 1 NFE / PD 1 step (FID)", get("SFD second stage", 1), get("PD", 1), 1.0),
-              target("all SFD runs / PD 64 -> 1 (forward-pass units)", sfd_units, pd_units, COST_BOUND),
-              target("all SFD runs / PD 64 -> 1 (wall time, s)", sfd_time, pd_time, COST_BOUND)]
+              target(f"SFD 4 NFE ({args.sfd4}) / PD 4 steps (FID)", get(f"SFD {args.sfd4}", 4), get("PD", 4), 1.0),
+              target(f"SFD 2 NFE ({args.sfd2}) / PD 2 steps (FID)", get(f"SFD {args.sfd2}", 2), get("PD", 2), 1.0),
+              target(f"SFD-v 4 NFE ({args.sfd_v}) / SFD 4 NFE (FID)", get(f"SFD {args.sfd_v}", 4), get(f"SFD {args.sfd4}", 4),
+                     SFD_V_TOLERANCE),
+              target(f"SFD-v 2 NFE ({args.sfd_v}) / SFD 2 NFE (FID)", get(f"SFD {args.sfd_v}", 2), get(f"SFD {args.sfd2}", 2),
+                     SFD_V_TOLERANCE),
+              target(f"second stage 1 NFE ({args.sfd_v}) / PD 1 step (FID)", get(f"SFD {args.sfd_v}", 1), get("PD", 1), 1.0),
+              target(f"{set_name} / PD 64 -> 1 (forward-pass units)", set_units, pd_units, COST_BOUND),
+              target(f"{set_name} / PD 64 -> 1 (wall time, s)", set_time, pd_time, COST_BOUND)]
     os.makedirs(args.output, exist_ok=True)
     atomic_write_text(os.path.join(args.output, "sfd_results.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(args.output, "cost.json"), json.dumps(
@@ -187,8 +196,7 @@ def main(argv=None) -> None:
     ax.plot([p[0] for p in pd_points], [p[1] for p in pd_points], marker="o", label="PD (cumulative halvings)")
     for p in pd_points:
         ax.annotate(f"{p[2]}", (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    marks = {"sfd-v": "s", "sfd-4": "^", "sfd-2": "v", "sfd-4-no-afs": "D"}
-    for run, stages in costs.items():
+    for i, (run, stages) in enumerate(costs.items()):
         points = []
         for row in sfd_rows:
             if not row["model"].rstrip("/").startswith(os.path.join(args.sfd_run, run) + "/") or "stock" in row["sampler"]:
@@ -197,7 +205,7 @@ def main(argv=None) -> None:
             units = sum(s["forward_units"] for s in (stages if second else stages[:1]))
             points.append((units, row["fid"], row["nfe"]))
         if points:
-            ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marks.get(run, "o"), label=f"SFD {run}")
+            ax.scatter([p[0] for p in points], [p[1] for p in points], marker="^v sDPo"[i % 7], label=f"SFD {run}")
             for p in points:
                 ax.annotate(f"{p[2]}", (p[0], p[1]), textcoords="offset points", xytext=(4, -8), fontsize=7)
     ax.axvline(COST_BOUND * pd_units, linestyle=":", color="gray", label="0.25 x PD 64 -> 1")
