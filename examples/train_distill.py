@@ -136,7 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Share of captions replaced by the empty prompt, drawn per batch.")
     arguments.add_data_args(parser, resolution_help="None: the teacher's (the UNet's sample_size x the VAE's factor).")
     arguments.add_optimization_args(parser, learning_rate=None,
-                                    learning_rate_help="None: 3e-4 for progressive, 5e-5 (the paper's) for sfd")
+                                    learning_rate_help="None: 3e-4 for progressive, 5e-5 (the paper's, for "
+                                    "~200k trajectories) for sfd; at a few thousand trajectories 2e-4 measured better")
     arguments.add_memory_args(parser)
     arguments.add_output_args(parser, output_dir="pd-output")
     args = parser.parse_args(argv)
