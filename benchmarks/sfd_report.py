@@ -205,7 +205,7 @@ def main(argv=None) -> None:
             units = sum(s["forward_units"] for s in (stages if second else stages[:1]))
             points.append((units, row["fid"], row["nfe"]))
         if points:
-            ax.scatter([p[0] for p in points], [p[1] for p in points], marker="^v sDPo"[i % 7], label=f"SFD {run}")
+            ax.scatter([p[0] for p in points], [p[1] for p in points], marker="^vsDPoX*"[i % 8], label=f"SFD {run}")
             for p in points:
                 ax.annotate(f"{p[2]}", (p[0], p[1]), textcoords="offset points", xytext=(4, -8), fontsize=7)
     ax.axvline(COST_BOUND * pd_units, linestyle=":", color="gray", label="0.25 x PD 64 -> 1")
