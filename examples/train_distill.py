@@ -104,7 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--num_trajectories", type=int, default=4096,
                        help="Budget: teacher trajectories drawn in all (each iteration a global batch of them).")
     group.add_argument("--grid", type=str, default="lu", choices=["trailing", "karras", "lu", "sfd"],
-                       help="Student grid: lu (uniform log-SNR, the measured best) / karras / trailing sample exactly in "
+                       help="Student grid: lu (uniform log-SNR, the measured best at 4 NFE; at 2, trailing with --no-afs) / "
+                       "karras / trailing sample exactly in "
                        "stock diffusers; sfd is the paper's (sampled by diffusers_pd only).")
     group.add_argument("--second_stage", action="store_true",
                        help="Then distil the largest-NFE student into a 1-NFE student (its own sampler as the teacher).")
