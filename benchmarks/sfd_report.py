@@ -7,7 +7,8 @@
 
 Reads `<sfd_run>/eval/results.json` (examples/evaluate.py), each SFD run's `summary.json` and its students'
 metadata. Columns are the runs (folders of --sfd_run); the targets read the runs named by --sfd4, --sfd2 and --sfd_v
-(its 1-NFE student is the second stage), and the cost target counts those three runs. Cost in forward-pass units per trajectory (a forward + backward counts 3, as benchmarks/distillation_cost.py):
+(its 1-NFE student is the second stage), and the cost target counts those three runs. Cost in forward-pass units
+per trajectory (a forward + backward counts 3, as benchmarks/distillation_cost.py):
 stage one K x (NFE + AFS) teacher forwards + 3 x NFE student updates; the second stage NFE_top forwards of the
 stage-one student + 3. Writes sfd_results.md, cost.json, fid_vs_nfe_sfd.png and fid_vs_cost.png to --output.
 """

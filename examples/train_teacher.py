@@ -91,7 +91,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from diffusers_pd import ProgressiveDistillationScheduler, __version__, checkpoints, cosine_trained_betas, data, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from diffusers_pd.clipping import ClippedTeacher, teacher_clip_range  # noqa: E402
+from diffusers_pd.clipping import clipped_teacher, teacher_clip_range  # noqa: E402
 from diffusers_pd.data import collate_pixel_values, load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.export import card_front_matter, ddim_scheduler, ddpm_scheduler, save_pipeline_folder  # noqa: E402
 from diffusers_pd.loading import public_name  # noqa: E402
@@ -321,8 +321,7 @@ def stock_scheduler(scheduler_config):
 def grid_model(unet, scheduler_config):
     """The UNet as its sample grids show it: x-hat clamped where distillation will clamp it (`teacher_clip_range`)."""
     stock_config = dict(stock_scheduler(scheduler_config).config)
-    clip_range = teacher_clip_range(stock_config)
-    return ClippedTeacher(unet, stock_config, clip_range) if clip_range else unet
+    return clipped_teacher(unet, stock_config, teacher_clip_range(stock_config))
 
 
 def save_teacher(folder: Path, unet, scheduler_config, files: dict) -> None:

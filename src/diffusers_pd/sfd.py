@@ -416,10 +416,13 @@ class SimpleFastDistillation(DistillationMethod):
     def reference_sampler(self):
         """The teacher's solver on the fine grid of the largest-NFE student: that student's training target (a
         conditional teacher: on the validation conditions, at s = 1)."""
-        sampler = partial(solver_samples, scheduler_config=self.config, solver=self.teacher_solver,
-                          grid=self.losses[self.nfes[-1]].teacher_grid)
-        return self.validated(lambda unet, latents, **cond: sampler(self.clipped(unet), latents, **cond))
+        return self.teacher_sampler(partial(solver_samples, scheduler_config=self.config, solver=self.teacher_solver,
+                                            grid=self.losses[self.nfes[-1]].teacher_grid))
 
     def teacher_baseline(self, nfe: int):
-        sampler = partial(ddim_samples, scheduler_config=self.config, num_steps=nfe)
+        return self.teacher_sampler(partial(ddim_samples, scheduler_config=self.config, num_steps=nfe))
+
+    def teacher_sampler(self, sampler: Callable) -> Callable:
+        """`sampler(unet, latents, **cond)` run on the original teacher as its solver sees it (`clipped`), on the
+        validation conditions of a conditional teacher (`validated`)."""
         return self.validated(lambda unet, latents, **cond: sampler(self.clipped(unet), latents, **cond))
