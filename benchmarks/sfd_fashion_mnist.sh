@@ -33,18 +33,18 @@ sfd() {  # sfd OUTPUT_DIR FLAGS...: one SFD run, skipped once finished (later fl
     --output_dir "$out" "$@" $(resume "$out")
 }
 
-# 1. the SFD runs (each run's summary.json has its wall time per stage): the 4- and 2-NFE students on the library's
-#    defaults (lu grid, AFS, K = 4; FID-best at 4 NFE); the same on the trailing grid without AFS and K = 8 (the
+# 1. the SFD runs (each run's summary.json has its wall time per stage): the 4- and 2-NFE students on the lu grid
+#    with AFS, K = 4 (FID-best at 4 NFE, --grid auto there); the same on the trailing grid without AFS and K = 8 (the
 #    alternative for this teacher, whose t = 1023 sits at sigma 22,026: AFS on trailing starts far from it, README);
 #    SFD-v 2-5 with its second stage (measured on the trailing setting only); the lu 4-NFE student at the paper's
 #    learning rate. STOP_AFTER=training stops here.
 TRAILING=(--grid trailing --no-afs --teacher_steps_per_step 8)
-sfd sfd-4 --nfe 4
-sfd sfd-2 --nfe 2
+sfd sfd-4 --nfe 4 --grid lu  # = --grid auto at 4 NFE
+sfd sfd-2 --nfe 2 --grid lu  # lu at 2 NFE: the measurement behind --grid auto's trailing below 4 NFE
 sfd sfd-v --nfe 2 3 4 5 "${TRAILING[@]}" --second_stage --second_stage_trajectories $((SECOND_ITERS * BATCH))
 sfd sfd-4-trailing-k8 --nfe 4 "${TRAILING[@]}"
 sfd sfd-2-trailing-k8 --nfe 2 "${TRAILING[@]}"
-sfd sfd-4-lr5e-5 --nfe 4 --learning_rate 5e-5
+sfd sfd-4-lr5e-5 --nfe 4 --grid lu --learning_rate 5e-5
 [ "${STOP_AFTER:-}" != training ] || exit 0
 
 # 2. fidelity on PD's yardstick (no FID, minutes): distance to the teacher's 64-step DDIM on PD's validation noise;

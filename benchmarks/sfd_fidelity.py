@@ -19,7 +19,8 @@ from diffusers import DiffusionPipeline
 from diffusers_pd.atomic import atomic_write_text
 from diffusers_pd.pipeline import ddim_samples, mean_squared_distance
 from diffusers_pd.scheduler import METADATA_KEY
-from diffusers_pd.sfd import sfd_student_samples
+from diffusers_pd.grids import student_grid, teacher_grid
+from diffusers_pd.sfd import sfd_student_samples, solver_samples
 
 
 def main(argv=None) -> None:
@@ -29,6 +30,8 @@ def main(argv=None) -> None:
     parser.add_argument("--start_steps", type=int, default=64, help="The reference: the teacher's DDIM at this many steps.")
     parser.add_argument("--num_validation_samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="train_distill.py's --seed (the noise is seed + 1).")
+    parser.add_argument("--target_k", type=int, nargs="*", default=[],
+                        help="Also the training targets' distance at these K (teacher sub-steps per student step).")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
 
@@ -50,8 +53,17 @@ def main(argv=None) -> None:
                                                    reference)
         rows.append(dict(student=path, nfe=nfe, grid=info.get("grid"), afs=info.get("afs"),
                          mse_to_teacher=mean_squared_distance(samples, reference), teacher_ddim_mse=baselines[nfe]))
+        if info.get("teacher_steps_per_step") and not info.get("second_stage"):  # stage one: the teacher's targets
+            grid = student_grid(config, info["num_inference_steps"], info["grid"])
+            target = lambda k: mean_squared_distance(solver_samples(  # noqa: E731
+                unet, latents, scheduler_config=config, solver=info["teacher_solver"], grid=teacher_grid(grid, k, config)),
+                reference)
+            rows[-1].update(teacher_steps_per_step=info["teacher_steps_per_step"],
+                            target_mse=target(info["teacher_steps_per_step"]),
+                            target_mse_k={k: target(k) for k in args.target_k})
         print(f"{path}: NFE {nfe}, mse to the teacher's {args.start_steps}-step DDIM {rows[-1]['mse_to_teacher']:.4g} "
-              f"(teacher DDIM at {nfe}: {baselines[nfe]:.4g})")
+              f"(teacher DDIM at {nfe}: {baselines[nfe]:.4g}; its targets: {rows[-1].get('target_mse', float('nan')):.4g}"
+              f"{''.join(f', K {k}: {v:.4g}' for k, v in rows[-1].get('target_mse_k', {}).items())})")
     report = dict(reference=f"teacher DDIM, {args.start_steps} steps", noise_seed=args.seed + 1,
                   num_samples=args.num_validation_samples, rows=rows)
     atomic_write_text(args.output, json.dumps(report, indent=2))

@@ -116,12 +116,30 @@ class Row:
     scheduler: object
     ceiling: bool = False
     sample: Optional[Callable] = None  # (unet, latents) -> samples; None: `denoise` with `scheduler` for `nfe` steps
+    model_parts: int = 1  # trailing path components of `model` in the row's file names (`name_rows_uniquely`)
 
     @property
     def slug(self) -> str:
         """File-name-safe row name."""
-        name = f"{self.sampler}-{os.path.basename(self.model.rstrip('/'))}-nfe{self.nfe}"
+        model = "-".join(os.path.normpath(self.model).split("/")[-self.model_parts:])
+        name = f"{self.sampler}-{model}-nfe{self.nfe}"
         return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def name_rows_uniquely(rows: list) -> list:
+    """Give rows of different models that share a file name (run-a/student-4steps, run-b/student-4steps) as many
+    trailing path components as tell them apart, so that neither overwrites the other's row and sample files."""
+    while True:
+        models = {}
+        for row in rows:
+            models.setdefault(row.slug, set()).add(os.path.normpath(row.model))
+        clashes = [row for row in rows if len(models[row.slug]) > 1]
+        if not clashes:
+            return rows
+        for row in clashes:
+            if row.model_parts >= len(os.path.normpath(row.model).split("/")):
+                raise ValueError(f"Two models evaluate under the same name: {sorted(models[row.slug])}")
+            row.model_parts += 1
 
 
 def load_unet_pipeline(name: str, device: str) -> DiffusionPipeline:
@@ -317,7 +335,7 @@ def main(argv=None) -> None:
     teacher = load_unet_pipeline(args.teacher, args.device)
     students = {name: load_unet_pipeline(name, args.device) for name in args.students}
     check_same_shape(teacher, students)
-    rows = build_rows(args, teacher, students)
+    rows = name_rows_uniquely(build_rows(args, teacher, students))
     features = InceptionFeatures(args.inception_weights).to(args.device)
     resolution, num_channels = teacher.unet.config.sample_size, teacher.unet.config.in_channels
 

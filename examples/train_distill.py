@@ -96,17 +96,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="The student's network calls per sample; several (e.g. 2 3 4 5) train one SFD-v student for all.")
     group.add_argument("--teacher_solver", type=str, default="dpm_solver_3m",
                        choices=["dpm_solver_3m", "dpm_solver_2m", "heun", "ddim"], help="The teacher's ODE solver.")
-    group.add_argument("--teacher_steps_per_step", type=int, default=4,
-                       help="K: teacher solver steps per student step (the paper's M + 1).")
-    group.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
-                       help="Analytic first step: the first step uses eps = x, saving one network call.")
+    group.add_argument("--teacher_steps_per_step", type=int, default=None,
+                       help="K: teacher solver steps per student step (the paper's M + 1). None: the grid's setting "
+                       "(4; 8 for --grid auto's trailing).")
+    group.add_argument("--afs", action=argparse.BooleanOptionalAction, default=None,
+                       help="Analytic first step: the first step uses eps = x, saving one network call. None: the grid's "
+                       "setting (on; off for --grid auto's trailing).")
     group.add_argument("--loss", type=str, default="l1", choices=["l1", "l2", "pseudo_huber"], help="Trajectory distance.")
     group.add_argument("--num_trajectories", type=int, default=4096,
                        help="Budget: teacher trajectories drawn in all (each iteration a global batch of them).")
-    group.add_argument("--grid", type=str, default="lu", choices=["trailing", "karras", "lu", "sfd"],
-                       help="Student grid: lu (uniform log-SNR, the measured best at 4 NFE; at 2, trailing with --no-afs) / "
-                       "karras / trailing sample exactly in "
-                       "stock diffusers; sfd is the paper's (sampled by diffusers_pd only).")
+    group.add_argument("--grid", type=str, default="auto", choices=["auto", "trailing", "karras", "lu", "sfd"],
+                       help="Student grid: auto picks the measured best for the smallest --nfe (from 4 NFE: lu with AFS "
+                       "and K = 4; below: trailing without AFS, K = 8); lu (uniform log-SNR) / karras / trailing sample "
+                       "exactly in stock diffusers; sfd is the paper's (sampled by diffusers_pd only).")
     group.add_argument("--second_stage", action="store_true",
                        help="Then distil the largest-NFE student into a 1-NFE student (its own sampler as the teacher).")
     group.add_argument("--second_stage_trajectories", type=int, default=None,

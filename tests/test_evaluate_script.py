@@ -142,3 +142,34 @@ def test_evaluate_script_clips_a_clip_sample_eps_teacher_as_training_does_and_ne
     assert set(plain) == {"student (progressive_distillation)", "teacher DDIM"}
     assert plain["teacher DDIM"] == plain["student (progressive_distillation)"] == clipped["student (progressive_distillation)"]
     assert clipped["teacher DDIM, x-hat clipped"] != plain["teacher DDIM"]
+
+
+def test_students_of_the_same_folder_name_in_different_runs_keep_their_own_rows(tmp_path):
+    # run-a/student-2steps and run-b/student-2steps: before, the second row's files overwrote the first's
+    teacher_dir, output_dir = tmp_path / "teacher", tmp_path / "eval"
+    DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(**SCHEDULE)).save_pretrained(teacher_dir)
+    students = [tmp_path / run / "student-2steps" for run in ("run-a", "run-b")]
+    for seed, folder in enumerate(students, start=1):
+        save_student(folder, tiny_unet(seed), ProgressiveDistillationScheduler(**SCHEDULE), 2, teacher=str(teacher_dir))
+    save_tiny_features(tmp_path / "features.pt")
+    command = [
+        sys.executable, str(SCRIPT), "--teacher", str(teacher_dir), "--students", *map(str, students),
+        "--dataset_name", "digits", "--split", "train", "--num_reference", "32", "--num_samples", "32",
+        "--batch_size", "16", "--nfe", "2", "--dpm_solver_nfe", "--teacher_steps", "0", "--seed", "3", "--device", "cpu",
+        "--inception_weights", str(tmp_path / "features.pt"), "--cache_dir", str(tmp_path / "cache"),
+        "--output_dir", str(output_dir),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [row for row in json.loads((output_dir / "results.json").read_text())["rows"] if row["sampler"] != "teacher DDIM"]
+    assert [row["model"] for row in rows] == list(map(str, students))
+    assert len({row["samples"] for row in rows}) == 2 and rows[0]["fid"] != rows[1]["fid"]  # different weights
+    saved = {json.loads(path.read_text())["result"]["model"]: path for path in (output_dir / "rows").glob("student-*.json")}
+    assert sorted(saved) == sorted(map(str, students))
+    assert sorted(path.name for path in saved.values()) == ["student-progressive-distillation-run-a-student-2steps-nfe2.json",
+                                                            "student-progressive-distillation-run-b-student-2steps-nfe2.json"]
+    for row in rows:  # each row's own samples, not the other's
+        with Image.open(output_dir / row["samples"]) as grid:
+            assert grid.format == "PNG"
+    rerun = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert rerun.returncode == 0 and rerun.stdout.count("finished before") == 3  # both students and the teacher row

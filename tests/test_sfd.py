@@ -11,7 +11,9 @@ from diffusers_pd.denoiser import Denoiser
 from diffusers_pd.export import stock_scheduler_for
 from diffusers_pd.grids import student_grid, teacher_grid
 from diffusers_pd.pipeline import denoise
-from diffusers_pd.sfd import SFDLoss, check_nfe, sfd_sample, step_count_cond, trajectory_distance
+from diffusers_pd.sfd import (
+    SFDLoss, SimpleFastDistillation, check_nfe, sfd_sample, step_count_cond, student_nfe, trajectory_distance,
+)
 from diffusers_pd.solvers import euler_step
 from diffusers_pd.step_embedding import add_step_embedding
 
@@ -150,6 +152,26 @@ def test_sfd_v_student_is_conditioned_on_its_step_count():
     losses = [method(student, z, 1, targets, **step_count_cond(nfe, 4))[0] for nfe in (2, 3)]
     assert (losses[0] - losses[1]).abs().max() > 1e-3
     assert step_count_cond(2, 4, conditioned=False) == {}
+
+
+def test_auto_grid_takes_lu_from_4_nfe_and_trailing_without_afs_below_where_lus_last_call_is_wasted():
+    config = dict(LINEAR, prediction_type="v_prediction")
+    setting = lambda method: (method.grid_kind, method.afs, method.teacher_steps_per_step)  # noqa: E731
+    auto = lambda nfes, **kw: SimpleFastDistillation(config, (1, 8, 8), nfes=nfes, iterations=1, **kw)  # noqa: E731
+    assert setting(auto([4])) == setting(auto([4, 5])) == ("lu", True, 4)
+    assert setting(auto([2])) == setting(auto([3])) == setting(auto([2, 3, 4, 5])) == ("trailing", False, 8)
+    assert setting(auto([1])) == ("trailing", False, 8)  # AFS would leave a 1-NFE student no call
+    # given flags win; an explicit grid keeps the paper's AFS and K = 4
+    assert setting(auto([4], afs=False, teacher_steps_per_step=2)) == ("lu", False, 2)
+    assert setting(auto([2], grid="lu")) == ("lu", True, 4)
+    assert all(student_nfe(auto([n]).losses[n].student_grid, auto([n]).afs) == n for n in (1, 2, 3, 4, 5))
+    # why: lu's last network call is at the schedule's smallest sigma (t = 0), where nothing is left to denoise;
+    # at 2 NFE that is half of the calls, at 4 a quarter. Trailing's last call is at t = T / N - 1.
+    sigma_min = student_grid(config, 8, "lu").sigmas[-2]
+    lu_2 = auto([2], grid="lu").losses[2].student_grid
+    trailing_2 = auto([2]).losses[2].student_grid
+    assert lu_2.sigmas[-2] == sigma_min and lu_2.timesteps[-2] == 0
+    assert trailing_2.sigmas[-2] > 50 * sigma_min and trailing_2.timesteps[-2] == 499
 
 
 def test_bad_input():

@@ -87,7 +87,7 @@ def test_guided_stage_at_one_scale_then_halvings_give_class_conditional_students
 
 def test_sfd_student_of_a_class_conditional_teacher_is_guided_at_sampling(class_teacher, tmp_path):
     out = tmp_path / "out"
-    result = run(distill_command(*TINY, "--method", "sfd", "--teacher", class_teacher, "--nfe", 2, "--num_trajectories", 16,
+    result = run(distill_command(*TINY, "--method", "sfd", "--teacher", class_teacher, "--nfe", 2, "--grid", "lu", "--num_trajectories", 16,
                                  "--teacher_steps_per_step", 2, "--learning_rate", 1e-3, "--output_dir", out),
                  script_env(tmp_path / "hf_home"))
     assert result.returncode == 0, result.stderr[-4000:]

@@ -82,8 +82,8 @@ def stock_samples(tmp_path: Path, folders_and_steps: list, latents: torch.Tensor
 
 def test_sfd_v_with_afs_and_a_second_stage_give_stock_folders_that_sample_as_trained(teacher, tmp_path):
     out = tmp_path / "out"
-    result = run(distill_command(*TINY, "--teacher", teacher, "--nfe", 2, 3, "--num_trajectories", 8, "--train_batch_size", 4,
-                                 "--second_stage", "--teacher_steps_per_step", 2, "--output_dir", out),
+    result = run(distill_command(*TINY, "--teacher", teacher, "--nfe", 2, 3, "--grid", "lu", "--num_trajectories", 8,
+                                 "--train_batch_size", 4, "--second_stage", "--teacher_steps_per_step", 2, "--output_dir", out),
                  script_env(tmp_path / "hf_home"))
     assert result.returncode == 0, result.stderr[-4000:]
     assert "SFD-v of" in result.stdout
@@ -171,7 +171,7 @@ BAD_INPUTS = {
     "nfe_zero": (["--nfe", "0"], r"NFE must be a positive integer, got 0"),
     "nfe_repeated": (["--nfe", "2", "2"], r"--nfe 2 2: pass one or more distinct step counts"),
     "nfe_too_large": (["--nfe", "1000"], r"NFE 1000 needs 1001 steps, more than the teacher's 1000 timesteps"),
-    "afs_with_one_nfe": (["--nfe", "1"], r"AFS with NFE 1 leaves no network call to train: use --no-afs"),
+    "afs_with_one_nfe": (["--nfe", "1", "--afs"], r"AFS with NFE 1 leaves no network call to train: use --no-afs"),
     "k_zero": (["--teacher_steps_per_step", "0"], r"--teacher_steps_per_step 0: K must be at least 1"),
     "second_stage_without_stage_one": (["--nfe", "1", "--no-afs", "--second_stage"],
                                        r"--second_stage distils stage one's student into 1 NFE: stage one needs --nfe 2 or more"),

@@ -252,7 +252,7 @@ def test_sfd_students_of_a_text_to_image_teacher_apply_guidance_in_stock_stable_
     out = tmp_path / "out"
     result = run(distill_command("--method", "sfd", "--report_to", "none", "--num_grid_images", "1", "--seed", "3",
                                  "--num_validation_samples", "2", "--teacher", sd_teacher, "--train_data_dir", captions,
-                                 "--nfe", 2, 3, "--second_stage", "--num_trajectories", 8, "--train_batch_size", 4,
+                                 "--nfe", 2, 3, "--grid", "lu", "--second_stage", "--num_trajectories", 8, "--train_batch_size", 4,
                                  "--teacher_steps_per_step", 2, "--learning_rate", 1e-3, "--output_dir", out),
                  script_env(tmp_path / "hf_home"))
     assert result.returncode == 0, result.stderr[-4000:]
