@@ -70,7 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group = parser.add_argument_group("progressive distillation (--method progressive)")
     group.add_argument("--start_steps", type=int, default=64, help="The teacher's sampling steps (the first stage's 2N).")
     group.add_argument("--end_steps", type=int, default=1, help="Steps of the last student.")
-    group.add_argument("--iterations_per_stage", type=int, default=300, help="Updates per halving (the paper's K: 50000).")
+    group.add_argument("--iterations_per_stage", type=int, nargs="+", default=[300],
+                       help="Updates per stage (the paper's K: 50000); several: one per stage in order, the last "
+                       "repeating (e.g. 1200 1200 300: 4x the updates for the first two stages).")
     group.add_argument("--loss_weighting", type=str, default="auto", choices=["auto", "truncated_snr", "snr_plus_one", "snr"],
                        help="x-MSE weight: max(SNR, 1) (the paper's), SNR + 1 (= the v-MSE) or SNR (= the eps-MSE); auto: "
                        "SNR for epsilon students, max(SNR, 1) otherwise.")
@@ -120,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--guidance_scale_max", type=float, default=5.0, help="Largest guidance scale s the students learn.")
     group.add_argument("--guidance_iterations", type=int, default=None,
                        help="Updates of the guided stage (the student learns the teacher's guided output); None: "
-                       "--iterations_per_stage.")
+                       "the first --iterations_per_stage.")
     group.add_argument("--label_column", type=str, default="label", help="Column holding a class-conditional teacher's labels.")
     group.add_argument("--null_class", type=int, default=None,
                        help="A class-conditional teacher's unconditional label (for guidance); None: its last class embedding.")
@@ -182,7 +184,7 @@ from diffusers_pd.conditioning import ClassConditioning, TextConditioning  # noq
 from diffusers_pd.guided import GuidedDistillation  # noqa: E402
 from diffusers_pd.lora import add_lora, fuse_lora  # noqa: E402
 from diffusers_pd.loading import is_text_to_image_pipeline, load_sd_teacher, load_teacher, public_name  # noqa: E402
-from diffusers_pd.method import DistillationMethod, FinishedStudent, LoopContext, Stage  # noqa: E402
+from diffusers_pd.method import DistillationMethod, FinishedStudent, LoopContext, Stage, stage_budgets  # noqa: E402
 from diffusers_pd.pipeline import mean_squared_distance, sampler_grid  # noqa: E402
 from diffusers_pd.progressive import ProgressiveDistillation, stage_steps  # noqa: E402
 from diffusers_pd.sfd import SimpleFastDistillation  # noqa: E402
@@ -209,10 +211,12 @@ def validate(args):
     if args.method == "progressive":
         stage_steps(args.start_steps, args.end_steps)
     names = ["train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]
-    names += ["iterations_per_stage"] if args.method == "progressive" else ["num_trajectories"]
+    names += [] if args.method == "progressive" else ["num_trajectories"]
     for name in names:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1.")
+    if args.method == "progressive" and min(args.iterations_per_stage) < 1:  # their count: with the stages
+        raise ValueError("--iterations_per_stage must be at least 1.")
     if args.push_to_hub:  # the token and the repo, now: not after the first stage
         from diffusers_pd.hub import check_push_access
 
@@ -295,7 +299,8 @@ def validate_text_to_image(args):
         check_guidance_range(args.guidance_scale_min, args.guidance_scale_max)
         if args.fold_guidance_scale:
             check_foldable_range(args.guidance_scale_min, args.guidance_scale_max)
-        if (args.guidance_iterations or args.iterations_per_stage) < 1:
+        stage_budgets(args.iterations_per_stage, len(stage_steps(args.start_steps, args.end_steps)))  # before encoding
+        if (args.guidance_iterations or args.iterations_per_stage[0]) < 1:
             raise ValueError("--guidance_iterations must be at least 1.")
         if args.guidance_embedding_lr_scale <= 0:
             raise ValueError(f"--guidance_embedding_lr_scale must be positive, got {args.guidance_embedding_lr_scale} (1: --learning_rate).")
@@ -356,7 +361,7 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
     if conditioning is not None and args.method == "progressive":  # guided distillation, then halvings
         return GuidedDistillation(
             dataset, scheduler_config, guidance_scale_min=args.guidance_scale_min, guidance_scale_max=args.guidance_scale_max,
-            guidance_iterations=args.guidance_iterations or args.iterations_per_stage,
+            guidance_iterations=args.guidance_iterations or args.iterations_per_stage[0],
             iterations_per_stage=args.iterations_per_stage, start_steps=args.start_steps, end_steps=args.end_steps,
             prediction_type=args.prediction_type, learning_rate=args.learning_rate,
             embedding_lr_scale=args.guidance_embedding_lr_scale,

@@ -177,6 +177,30 @@ def test_stage_plan_conversion_stage_sits_at_the_switching_teachers_steps():
                                                        conversion_stage=True))
 
 
+def test_per_stage_budgets_give_each_stage_its_updates_and_one_unbroken_data_stream():
+    from diffusers_pd.method import LoopContext, stage_budgets
+    from diffusers_pd.progressive import ProgressiveDistillation
+
+    assert stage_budgets(300, 3) == [300] * 3 and stage_budgets([1200, 600, 300], 5) == [1200, 600, 300, 300, 300]
+    with pytest.raises(ValueError, match="gives 3 budgets for 2 stages"):
+        stage_budgets([1, 2, 3], 2)
+    with pytest.raises(ValueError, match="each stage needs at least 1 update"):
+        stage_budgets([2, 0], 2)
+    config = dict(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    method = ProgressiveDistillation(config, [], (1, 8, 8), start_steps=16, end_steps=4, iterations_per_stage=[5, 2],
+                                     prediction_type="v_prediction", loss_weighting="auto", learning_rate=1e-4,
+                                     conversion_stage=True)  # 16: eps -> v, then 16 -> 8 -> 4: three stages
+    stages = method.stages()
+    assert [(stage.name, stage.iterations) for stage in stages] == [("16: epsilon -> v_prediction", 5), ("16 -> 8 (v_prediction)", 2),
+                                                                     ("8 -> 4 (v_prediction)", 2)]
+    ctx = LoopContext(torch.device("cpu"), 0, 1, 4, 3, 0)  # 3 micro-batches per update
+    drawn = [method.micro_step(stage, i, m, ctx) for stage in stages for i in range(stage.iterations) for m in range(3)]
+    assert drawn == list(range(3 * 9))  # every micro-batch of the run once, in order: resume anywhere continues it
+    uniform = ProgressiveDistillation(config, [], (1, 8, 8), start_steps=16, end_steps=4, iterations_per_stage=4,
+                                      prediction_type="v_prediction", loss_weighting="auto", learning_rate=1e-4)
+    assert [uniform.micro_step(stage, 1, 2, ctx) for stage in uniform.stages()] == [5, 17]  # as before: index x 4 x 3 + 3 + 2
+
+
 def test_epsilon_students_regress_their_eps_mse_and_others_the_truncated_snr_x_mse():
     """auto: an eps student's x-MSE weight is SNR, so its loss IS its eps-MSE (float64); v / x students keep max(SNR, 1)."""
     assert student_loss_weighting(prediction_type="epsilon") == "snr"

@@ -51,7 +51,7 @@ def test_eps_teacher_to_v_students_load_in_plain_diffusers(tmp_path):
     teacher = save_tiny_teacher(tmp_path / "teacher")
     out = tmp_path / "out"
     result = run_distill("--teacher", teacher, "--dataset_name", "digits", "--start_steps", 8, "--end_steps", 2,
-                         "--iterations_per_stage", 4, "--train_batch_size", 8, "--output_dir", out, "--num_grid_images", 4)
+                         "--iterations_per_stage", 6, 4, "--train_batch_size", 8, "--output_dir", out, "--num_grid_images", 4)
     assert "8 -> 4" in result.stdout and "4 -> 2" in result.stdout  # the end summary table
 
     students = [(str(out / f"student-{n}steps"), n) for n in (4, 2)]
@@ -71,6 +71,7 @@ def test_eps_teacher_to_v_students_load_in_plain_diffusers(tmp_path):
             assert grid.size == (2 * 64 + 2, 2 * 64 + 2)  # 2 x 2 samples of 8 x 8, upscaled 8x, 2-pixel gutter
     summary = json.loads((out / "summary.json").read_text())
     assert [row["steps"] for row in summary] == [4, 2] and all(np.isfinite(row["final_loss"]) for row in summary)
+    assert [(row["iterations"], row["updates"]) for row in summary] == [(6, 6), (4, 4)]  # one budget per stage
     for row in summary:  # the warning mark says exactly whether the student lost to the teacher's own DDIM
         worse = row["mse_to_teacher"] > row["teacher_ddim_mse"]
         assert row["vs_teacher_ddim"] == ("WORSE: raise --iterations_per_stage" if worse else "better")

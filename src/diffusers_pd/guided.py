@@ -23,7 +23,7 @@ from .grids import student_grid
 from .guidance import check_guidance_range
 from .guided_distillation import GuidedDistillationLoss, draw_guided_batch, uniform_guidance_scales
 from .loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
-from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
+from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage, stage_budgets
 from .pipeline import evaluating
 from .parameterization import stage_plan
 from .progressive import stage_steps
@@ -93,7 +93,8 @@ class GuidedDistillation(DistillationMethod):
         scheduler_config: the teacher's scheduler config (its schedule and prediction_type).
         guidance_scale_min, guidance_scale_max: the range of s (diffusers' scale) the students are trained for (one
             scale for an adapter without a guidance input); s_max = 1: no guided stage, plain conditional halvings.
-        guidance_iterations: updates of stage one; iterations_per_stage: updates per halving.
+        guidance_iterations: updates of stage one; iterations_per_stage: updates per halving, or one per halving in
+            order, the last repeating (`method.stage_budgets`).
         start_steps, end_steps: stage one's student steps (= the first halving's teacher) and the last student's.
         prediction_type: the halved students' parameterization, or "auto" (`parameterization.stage_plan`'s rule);
             stage one keeps the teacher's (it starts equal to it).
@@ -117,7 +118,8 @@ class GuidedDistillation(DistillationMethod):
         self.guidance_scale_min, self.guidance_scale_max = guidance_scale_min, guidance_scale_max
         self.guided_stage = guidance_scale_max > 1 or conditioning.guidance_input
         self.validation_scale = (guidance_scale_min + guidance_scale_max) / 2
-        self.guidance_iterations, self.iterations_per_stage = guidance_iterations, iterations_per_stage
+        self.guidance_iterations = guidance_iterations
+        self.budgets = stage_budgets(iterations_per_stage, len(self.halvings))
         self.start_steps, self.end_steps = start_steps, end_steps
         # the halved students' parameterizations: the rule of progressive distillation (stage one keeps the teacher's)
         self.plan = stage_plan(stage_steps=self.halvings, teacher_prediction_type=self.config["prediction_type"],
@@ -133,7 +135,7 @@ class GuidedDistillation(DistillationMethod):
     def stages(self) -> List[Stage]:
         first = [Stage(0, f"guided: s in [{self.guidance_scale_min}, {self.guidance_scale_max}]", self.guidance_iterations,
                        (self.start_steps,))] if self.guided_stage else []
-        return first + [Stage(len(first) + i, f"{2 * n} -> {n}", self.iterations_per_stage, (n,))
+        return first + [Stage(len(first) + i, f"{2 * n} -> {n}", self.budgets[i], (n,))
                         for i, n in enumerate(self.halvings)]
 
     def resume_teacher(self, teacher, stage_index: int):
@@ -150,9 +152,7 @@ class GuidedDistillation(DistillationMethod):
 
     def micro_step(self, stage: Stage, iteration: int, micro: int, ctx: LoopContext) -> int:
         """The global index of a micro-batch over the whole run (stage one first, then the halvings)."""
-        first = self.guidance_iterations if self.guided_stage else 0
-        before = 0 if stage.index == 0 else first + (stage.index - int(self.guided_stage)) * self.iterations_per_stage
-        return (before + iteration) * ctx.gradient_accumulation_steps + micro
+        return (self.iterations_before(stage) + iteration) * ctx.gradient_accumulation_steps + micro
 
     def start_stage(self, stage: Stage, first_iteration: int, ctx: LoopContext) -> None:
         self.sampler = GlobalBatchSampler(len(self.conditioning), ctx.batch_size, ctx.rank, ctx.num_processes, ctx.seed)

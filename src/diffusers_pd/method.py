@@ -40,6 +40,17 @@ class Stage:
     steps: Tuple[int, ...]
 
 
+def stage_budgets(iterations, num_stages: int, flag: str = "--iterations_per_stage") -> List[int]:
+    """Updates per stage: one value for every stage, or one per stage in order (the last repeats for the rest)."""
+    values = [int(iterations)] if isinstance(iterations, int) else [int(value) for value in iterations]
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {' '.join(map(str, values))}: each stage needs at least 1 update.")
+    if len(values) > num_stages:
+        raise ValueError(f"{flag} gives {len(values)} budgets for {num_stages} stages: pass at most {num_stages} "
+                         "(the last repeats for the stages after it).")
+    return values + [values[-1]] * (num_stages - len(values))
+
+
 @dataclass(frozen=True)
 class LoopContext:
     """What a method needs to know of the loop: where it runs and how the global batch is split."""
@@ -133,6 +144,10 @@ class DistillationMethod:
 
     def stages(self) -> List[Stage]:
         raise NotImplementedError
+
+    def iterations_before(self, stage: Stage) -> int:
+        """Iterations of the stages before `stage`: where its global batches start in the run's sequence."""
+        return sum(earlier.iterations for earlier in self.stages()[: stage.index])
 
     def init_student(self, teacher: torch.nn.Module, stage: Stage) -> torch.nn.Module:
         raise NotImplementedError

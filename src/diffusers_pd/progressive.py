@@ -14,7 +14,7 @@ import torch
 
 from .clipping import clip_card_row, clipped_teacher, epsilon_breaks_at_first_step, teacher_clip_range
 from .loss import ParameterizationConversionLoss, ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
-from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
+from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage, stage_budgets
 from .parameterization import stage_plan, student_learning_rate, student_loss_weighting
 from .pipeline import ddim_samples
 from .scheduler import ProgressiveDistillationScheduler
@@ -68,7 +68,8 @@ class ProgressiveDistillation(DistillationMethod):
         dataset: a map-style data set yielding `pixel_values` (the teacher's training data).
         sample_shape: (channels, height, width) of the teacher's samples.
         start_steps, end_steps: the teacher's sampling steps and the last student's.
-        iterations_per_stage: updates per halving (the paper's K).
+        iterations_per_stage: updates per stage (the paper's K), or one per stage in order, the last repeating
+            (`method.stage_budgets`; a conversion stage counts as a stage).
         prediction_type: the students' parameterization, or "auto" (`parameterization.stage_plan`'s rule).
         switch_steps, conversion_stage: where the parameterization switches, and whether a conversion stage at the
             teacher's own steps comes first (`stage_plan`).
@@ -101,14 +102,14 @@ class ProgressiveDistillation(DistillationMethod):
                                                            prediction_type=entry["prediction_type"], scale=scale_lr_with_steps)
         self.dataset, self.sample_shape = dataset, tuple(sample_shape)
         self.start_steps, self.end_steps = start_steps, end_steps
-        self.iterations_per_stage = iterations_per_stage
+        self.budgets = stage_budgets(iterations_per_stage, len(self.plan))
         self.random_flip, self.dataloader_num_workers = random_flip, dataloader_num_workers
 
     def title(self, teacher: str) -> str:
         return f"Progressive distillation of {teacher}: {self.start_steps} -> {self.end_steps} steps"
 
     def stages(self) -> List[Stage]:
-        return [Stage(i, self.stage_name(i), self.iterations_per_stage, (entry["steps"],)) for i, entry in enumerate(self.plan)]
+        return [Stage(i, self.stage_name(i), self.budgets[i], (entry["steps"],)) for i, entry in enumerate(self.plan)]
 
     def stage_name(self, index: int) -> str:
         """'64 -> 32' for a halving, '64: epsilon -> v_prediction' for a conversion stage; a student predicting other
@@ -125,8 +126,7 @@ class ProgressiveDistillation(DistillationMethod):
 
     def micro_step(self, stage: Stage, iteration: int, micro: int, ctx: LoopContext) -> int:
         """The global index of a micro-batch over the whole run: what its random draws and images are a function of."""
-        per_stage = self.iterations_per_stage * ctx.gradient_accumulation_steps
-        return stage.index * per_stage + iteration * ctx.gradient_accumulation_steps + micro
+        return (self.iterations_before(stage) + iteration) * ctx.gradient_accumulation_steps + micro
 
     def start_stage(self, stage: Stage, first_iteration: int, ctx: LoopContext) -> None:
         """The stage's scheduler and loss, and its data stream from the exact micro-batch where it stopped."""
