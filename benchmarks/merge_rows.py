@@ -6,7 +6,8 @@
 On a machine of few cores, one evaluate.py per group of students in parallel (each single-threaded, each into its
 own --output_dir) finishes sooner than one process for all; this gathers their rows afterwards. Rows are read from
 each run's results.json in the order given, --base's first (an earlier results.json of the same protocol, e.g. the
-PD students and the teacher rows); a row of a (sampler, model, NFE) already taken is dropped. Every run must share
+PD students and the teacher rows); a row of a (sampler, model, NFE) already taken is dropped, and so is a teacher row
+of a (sampler, NFE) already taken (the runs evaluate one teacher, perhaps from different paths). Every run must share
 --base's protocol (data set, split, reference size, samples, batch, seed, Inception weights), else nothing is
 written. Sample grids are copied into <output>/samples/ under names that tell apart students of the same folder name
 from different runs; results.json, results.md and fid_vs_nfe.png are written as evaluate.py writes them.
@@ -38,7 +39,8 @@ def load_run(path: str) -> dict:
 
 
 def merge(runs: list) -> list:
-    """The rows of `runs` in order, first of each (sampler, model, NFE) kept, each with its source sample path."""
+    """The rows of `runs` in order, the first of each (sampler, model, NFE) kept (teacher rows: of each (sampler, NFE)),
+    each with its source sample path."""
     protocol = {key: runs[0]["config"].get(key) for key in PROTOCOL}
     for run in runs[1:]:
         other = [key for key in PROTOCOL if run["config"].get(key) != protocol[key]]
@@ -48,7 +50,8 @@ def merge(runs: list) -> list:
     rows, seen = [], set()
     for run in runs:
         for row in run["rows"]:
-            key = (row["sampler"], os.path.normpath(row["model"]), row["nfe"])
+            teacher = row["sampler"].startswith("teacher")  # one teacher for all runs, whatever path each loaded it from
+            key = (row["sampler"], None if teacher else os.path.normpath(row["model"]), row["nfe"])
             if key not in seen:
                 seen.add(key)
                 rows.append(dict(row, source=os.path.join(run["folder"], row["samples"])))

@@ -72,12 +72,13 @@ def test_merged_runs_keep_every_row_once_with_its_own_samples_and_refuse_another
 
     teacher = row("teacher DDIM", "teacher", 4, 50.0)
     a = write_run("a", [teacher, row("student (sfd)", "runs/x/student-4steps", 4, 30.0)])
-    b = write_run("b", [dict(teacher, fid=99.0), row("student (sfd)", "runs/y/student-4steps", 4, 28.0)])
+    b = write_run("b", [dict(teacher, fid=99.0, model="elsewhere/teacher"), row("student (sfd)", "runs/y/student-4steps", 4, 28.0)])
     result = run(MERGE, "--runs", a, b, "--output", tmp_path / "merged")
     assert result.returncode == 0, result.stderr[-3000:]
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert [(r["model"], r["fid"]) for r in merged["rows"]] == [
-        ("teacher", 50.0), ("runs/x/student-4steps", 30.0), ("runs/y/student-4steps", 28.0)]  # the first teacher row wins
+        ("teacher", 50.0), ("runs/x/student-4steps", 30.0), ("runs/y/student-4steps", 28.0)]  # the first teacher row wins,
+    # also where another run loaded the same teacher from another path
     grids = [(tmp_path / "merged" / r["samples"]).read_bytes() for r in merged["rows"]]
     assert grids == [b"a:teacher", b"a:runs/x/student-4steps", b"b:runs/y/student-4steps"]
     assert (tmp_path / "merged" / "results.md").is_file() and (tmp_path / "merged" / "fid_vs_nfe.png").is_file()
