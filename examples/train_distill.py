@@ -488,7 +488,7 @@ def distill(args, argv) -> dict:
 
     # 3. resume: which stage, which iteration, the teacher of that stage
     stages = method.stages()
-    stage_names = [stage.name for stage in stages]
+    stage_names, budgets = [stage.name for stage in stages], [stage.iterations for stage in stages]
     progress = {"stage": 0, "step": 0, "global_step": 0, "history": []}
     # the original teacher's reference samples (the target of every stage) and its DDIM at each N, on fixed noise
     validation = validation_references(teacher.to(device).eval(), method, args) if accelerator.is_main_process else None
@@ -497,6 +497,9 @@ def distill(args, argv) -> dict:
         progress = checkpoints.read_progress(checkpoint)
         if progress.get("stages") != stage_names:
             sys.exit(f"error: {checkpoint} was made for stages {progress.get('stages')}, these arguments give {stage_names}.")
+        if progress.get("budgets", budgets) != budgets:  # checkpoints from before budgets were saved: not checked
+            sys.exit(f"error: {checkpoint} was made with {progress['budgets']} iterations per stage, these arguments give "
+                     f"{budgets}: pass the run's --iterations_per_stage / --num_trajectories again.")
         teacher = method.resume_teacher(teacher, progress["stage"])
         checkpoints.load_checkpoint(accelerator, checkpoint, {"teacher": teacher})
         method.load_state(progress)
@@ -567,7 +570,8 @@ def distill(args, argv) -> dict:
                 if progress["global_step"] % args.checkpointing_steps == 0 or signum:
                     saved = checkpoints.save_checkpoint(
                         accelerator, output_dir, progress["global_step"],
-                        {**progress, "stage": stage.index, "step": step + 1, "stages": stage_names, **method.state(),
+                        {**progress, "stage": stage.index, "step": step + 1, "stages": stage_names,
+                         "budgets": budgets, **method.state(),
                          "stage_time_s": time.time() - stage_start, "stage_losses": training.first_and_last(losses),
                          "stage_updates": updates},
                         {"student": student, "teacher": teacher}, optimizer, ema, args.checkpoints_total_limit)
@@ -593,7 +597,8 @@ def distill(args, argv) -> dict:
         progress.update(stage=stage.index + 1, step=0, history=history, stage_time_s=0.0, stage_losses=[], stage_updates=0)
         if stage.index + 1 < len(stages):  # a stage boundary is a checkpoint: the next stage needs only its teacher
             saved = checkpoints.save_checkpoint(accelerator, output_dir, progress["global_step"],
-                                             {**progress, "stages": stage_names, **method.state()}, {"teacher": teacher},
+                                             {**progress, "stages": stage_names, "budgets": budgets, **method.state()},
+                                             {"teacher": teacher},
                                              total_limit=args.checkpoints_total_limit)
             signum = stop.requested(accelerator)
             if signum:

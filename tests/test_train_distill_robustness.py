@@ -475,6 +475,25 @@ def test_a_checkpoint_with_other_optimizer_groups_is_refused_naming_the_flag(tmp
     assert torch.equal(one_group.state_dict()["state"][0]["exp_avg"], old.state_dict()["state"][0]["exp_avg"])
 
 
+def test_resuming_with_other_per_stage_budgets_is_refused(teachers, tmp_path):
+    """The data a stage draws depends on the earlier stages' budgets: a resume with others would continue another run."""
+    out = tmp_path / "out"
+    common = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--train_batch_size", 4,
+              "--num_validation_samples", 4, "--checkpointing_steps", 2, "--output_dir", out]
+    first = run(distill_command(*common, "--iterations_per_stage", 3, 2), script_env(tmp_path / "hf_home"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    progress = json.loads((checkpoint_folders(out)[-1] / "progress.json").read_text())
+    assert progress["budgets"] == [3, 2]
+    before = snapshot(out)
+    again = run(distill_command(*common, "--iterations_per_stage", 3, "--resume_from_checkpoint", "latest"),
+                script_env(tmp_path / "hf_home"))
+    assert again.returncode != 0
+    assert again.stderr.strip().splitlines()[-1].endswith("was made with [3, 2] iterations per stage, these arguments "
+                                                          "give [3, 3]: pass the run's --iterations_per_stage / "
+                                                          "--num_trajectories again.")
+    assert snapshot(out) == before
+
+
 # ----------------------------------------------------------------------------------------------- 6. Ctrl-C / SIGTERM
 def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_the_resumed_run_ends_the_same(teachers, tmp_path):
     common = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--end_steps", 2, "--iterations_per_stage", 40,
