@@ -427,10 +427,12 @@ def finish_student(done: FinishedStudent, stage: Stage, row: dict, validation, a
         row["vs_teacher_ddim"] = "better" if row["teacher_ddim_mse"] > 0 else "-"  # 0: the reference's own sampler
         if 0 < row["teacher_ddim_mse"] < row["mse_to_teacher"]:  # the stage did not distil: say what usually helps
             row["vs_teacher_ddim"] = f"WORSE: raise {method.budget_flag}"
+            now = getattr(args, method.budget_flag[2:])
+            now = stage.iterations if isinstance(now, list) else now  # per-stage budgets: this stage's
             logger.warning(
                 f"Stage {stage.name}: the {done.nfe}-step student is further from the teacher's reference samples "
                 f"(MSE {row['mse_to_teacher']:.4g}) than the teacher's own {done.nfe}-step DDIM "
-                f"({row['teacher_ddim_mse']:.4g}): raise {method.budget_flag} (now {getattr(args, method.budget_flag[2:])}) "
+                f"({row['teacher_ddim_mse']:.4g}): raise {method.budget_flag} (now {now}) "
                 "for a student worth its steps.",
                 main_process_only=True)
     if accelerator.is_main_process and done.saved:
