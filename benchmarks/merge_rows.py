@@ -23,9 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
 
 import evaluate  # noqa: E402
+from reuse_rows import PROTOCOL as SAMPLING_PROTOCOL  # noqa: E402
 
-PROTOCOL = ("dataset_name", "dataset_config_name", "train_data_dir", "split", "num_reference", "num_samples",
-            "batch_size", "seed", "inception_sha256")
+PROTOCOL = (*SAMPLING_PROTOCOL, "num_reference", "inception_sha256")  # the settings every merged row must share
 
 
 def load_run(path: str) -> dict:

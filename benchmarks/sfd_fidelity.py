@@ -40,7 +40,7 @@ def main(argv=None) -> None:
     shape = (args.num_validation_samples, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed + 1))
     reference = ddim_samples(unet, latents, scheduler_config=config, num_steps=args.start_steps)
-    rows, baselines = [], {}
+    rows, baselines, targets = [], {}, {}
     for path in args.students:
         student = DiffusionPipeline.from_pretrained(path)
         info = student.scheduler.config[METADATA_KEY]
@@ -55,9 +55,13 @@ def main(argv=None) -> None:
                          mse_to_teacher=mean_squared_distance(samples, reference), teacher_ddim_mse=baselines[nfe]))
         if info.get("teacher_steps_per_step") and not info.get("second_stage"):  # stage one: the teacher's targets
             grid = student_grid(config, info["num_inference_steps"], info["grid"])
-            target = lambda k: mean_squared_distance(solver_samples(  # noqa: E731
-                unet, latents, scheduler_config=config, solver=info["teacher_solver"], grid=teacher_grid(grid, k, config)),
-                reference)
+
+            def target(k, key=(info["teacher_solver"], info["num_inference_steps"], info["grid"])):
+                """The targets' distance, once per (solver, steps, grid, K): students of one setting share it."""
+                if key + (k,) not in targets:
+                    targets[key + (k,)] = mean_squared_distance(solver_samples(
+                        unet, latents, scheduler_config=config, solver=key[0], grid=teacher_grid(grid, k, config)), reference)
+                return targets[key + (k,)]
             rows[-1].update(teacher_steps_per_step=info["teacher_steps_per_step"],
                             target_mse=target(info["teacher_steps_per_step"]),
                             target_mse_k={k: target(k) for k in args.target_k})
