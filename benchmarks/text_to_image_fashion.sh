@@ -21,8 +21,9 @@ SAMPLES=${SAMPLES:-500}          # images per evaluation row (50 per prompt)
 REFERENCE=${REFERENCE:-1000}     # test images of the Inception reference
 INCEPTION_ROWS=${INCEPTION_ROWS:-"teacher-ddim64-s3 student4-s3"}   # 0.25 s per image per core: the s = 3 target pair
 
-# 1. the teacher pipeline (<= 10 MB) and the captioned imagefolder the distillation reads
-[ -f "$RESULTS/teacher/model_index.json" ] || python benchmarks/text_to_image_teacher.py \
+# 1. the teacher pipeline (<= 10 MB) and the captioned imagefolder the distillation reads (a committed teacher is
+#    kept: on a fresh clone this step only writes the imagefolder)
+[ -f "$RESULTS/teacher/model_index.json" ] && [ -f "$RUN/captioned/metadata.jsonl" ] || python benchmarks/text_to_image_teacher.py \
   --output_dir "$RESULTS/teacher" --data_dir "$RUN/captioned" --work_dir "$RUN/teacher-work" --num_data_images 4000 \
   --vae_steps "$VAE_STEPS" --unet_steps "$UNET_STEPS"
 

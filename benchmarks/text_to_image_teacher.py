@@ -16,6 +16,9 @@ captioned imagefolder (PNGs + metadata.jsonl) that its `--train_data_dir` reads.
 
     python benchmarks/text_to_image_teacher.py --output_dir benchmarks/results/text-to-image-fashion/teacher \
         --data_dir runs/t2i/captioned --work_dir runs/t2i/teacher-work
+
+An --output_dir that already holds a pipeline is kept: the run then only writes --data_dir (the committed teacher's
+captioned data on a fresh clone).
 """
 
 import argparse
@@ -74,8 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--proportion_empty_prompts", type=float, default=0.1, help="Caption dropout (the CFG null).")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if Path(args.output_dir).exists():
-        parser.error(f"--output_dir {args.output_dir} exists: remove it to train again.")
+    if Path(args.output_dir).exists() and not Path(args.output_dir, "model_index.json").is_file():
+        parser.error(f"--output_dir {args.output_dir} exists and is not a pipeline folder: remove it or name another.")
     return args
 
 
@@ -196,6 +199,9 @@ def main(argv=None) -> None:
     if not Path(args.data_dir, "metadata.jsonl").is_file():
         write_data_dir(train, Path(args.data_dir), args.num_data_images, args.seed)
         log(f"wrote {args.num_data_images} captioned images to {args.data_dir}")
+    if Path(args.output_dir, "model_index.json").is_file():
+        log(f"{args.output_dir} already holds a teacher pipeline: kept, only the data folder was written (remove it to train again)")
+        return
 
     if (work / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(work / "vae").eval()

@@ -215,8 +215,6 @@ def validate(args):
     for name in names:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1.")
-    if args.method == "progressive" and min(args.iterations_per_stage) < 1:  # their count: with the stages
-        raise ValueError("--iterations_per_stage must be at least 1.")
     if args.push_to_hub:  # the token and the repo, now: not after the first stage
         from diffusers_pd.hub import check_push_access
 
@@ -427,13 +425,11 @@ def finish_student(done: FinishedStudent, stage: Stage, row: dict, validation, a
         row["vs_teacher_ddim"] = "better" if row["teacher_ddim_mse"] > 0 else "-"  # 0: the reference's own sampler
         if 0 < row["teacher_ddim_mse"] < row["mse_to_teacher"]:  # the stage did not distil: say what usually helps
             row["vs_teacher_ddim"] = f"WORSE: raise {method.budget_flag}"
-            now = getattr(args, method.budget_flag[2:])
-            now = stage.iterations if isinstance(now, list) else now  # per-stage budgets: this stage's
             logger.warning(
                 f"Stage {stage.name}: the {done.nfe}-step student is further from the teacher's reference samples "
                 f"(MSE {row['mse_to_teacher']:.4g}) than the teacher's own {done.nfe}-step DDIM "
-                f"({row['teacher_ddim_mse']:.4g}): raise {method.budget_flag} (now {now}) "
-                "for a student worth its steps.",
+                f"({row['teacher_ddim_mse']:.4g}): raise {method.budget_flag} (this stage: {stage.iterations} "
+                f"iterations of {row['global_batch']} {method.unit}) for a student worth its steps.",
                 main_process_only=True)
     if accelerator.is_main_process and done.saved:
         grid = sampler_grid(done.unet, done.sampler, args.num_grid_images, accelerator.device, decode=method.decode)

@@ -178,7 +178,7 @@ def test_a_student_worse_than_the_teachers_ddim_is_flagged_with_what_helps(tmp_p
     assert row["vs_teacher_ddim"] == "WORSE: raise --iterations_per_stage"
     warnings = [line for line in result.stderr.splitlines() if "WARNING" in line and "Stage 4 -> 2" in line]
     assert len(warnings) == 1 and "than the teacher's own 2-step DDIM" in warnings[0]
-    assert "raise --iterations_per_stage (now 2)" in warnings[0]
+    assert "raise --iterations_per_stage (this stage: 2 iterations of" in warnings[0]
     assert "WORSE: raise --iterations_per_stage" in (out / "summary.md").read_text()
 
 

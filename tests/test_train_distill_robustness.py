@@ -382,7 +382,7 @@ BAD_INPUTS = {
                             r"--start_steps 12 must be a power-of-two multiple \(>= 2x\) of --end_steps 4"),
     "more_steps_than_timesteps": (["--start_steps", "1024", "--end_steps", "4"],
                                   r"needs 2 x 1024 distinct timesteps .*num_train_timesteps=1000; use --start_steps 500 or less"),
-    "budget_zero": (["--iterations_per_stage", "2", "0"], r"--iterations_per_stage must be at least 1"),
+    "budget_zero": (["--iterations_per_stage", "2", "0"], r"--iterations_per_stage 2 0: each stage needs at least 1 update"),
     "more_budgets_than_stages": (["--iterations_per_stage", "2", "2", "2"],
                                  r"--iterations_per_stage gives 3 budgets for 2 stages: pass at most 2 \(the last repeats"),
     "non_empty_output_dir": ([], r"--output_dir .* exists and is not empty: pass --resume_from_checkpoint latest .*"
