@@ -41,7 +41,7 @@ SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "
              "second_stage_trajectories", "second_stage_learning_rate")
 DEFAULT_LEARNING_RATE = {"progressive": 3e-4, "sfd": 5e-5}
 # flags of unconditional distillation that the distillation of a conditional teacher does not read
-UNCONDITIONAL_PD_FLAGS = ("scale_lr_with_steps", "parameterization_switch_steps", "conversion_stage", "teacher_clip_sample")
+UNCONDITIONAL_PD_FLAGS = ("scale_lr_with_steps", "parameterization_switch_steps", "conversion_stage")
 
 
 def refuse_unconditional_flags(args) -> None:
@@ -89,10 +89,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Before the switch, one stage at the teacher's own steps regresses its prediction in the new "
                        "parameterization (one teacher call per sample).")
     group.add_argument("--teacher_clip_sample", type=str, default="auto", choices=["auto", "on", "off"],
-                       help="Clamp the teacher's x-hat to [-clip_sample_range, clip_sample_range] in its DDIM steps "
-                       "(targets, references, baselines) and, with --method sfd, in its solver; auto: where its scheduler "
-                       "config says clip_sample (the Hub's DDPM checkpoints do) and an eps teacher breaks without it "
-                       "(alpha < 1e-3 at t = T). Students are never clipped.")
+                       help="Clamp the original teacher's x-hat to [-clip_sample_range, clip_sample_range] in its DDIM "
+                       "steps (targets, references, baselines; a conditional teacher's classifier-free-guided x-hat after "
+                       "the combination) and, with --method sfd, in its solver (conditional teachers at s = 1); auto: "
+                       "where its scheduler config says clip_sample (the Hub's DDPM checkpoints do) and an eps teacher "
+                       "breaks without it (alpha < 1e-3 at t = T). Students are never clipped.")
     group = parser.add_argument_group("SFD (--method sfd)")
     group.add_argument("--nfe", type=int, nargs="+", default=[4],
                        help="The student's network calls per sample; several (e.g. 2 3 4 5) train one SFD-v student for all.")
@@ -178,6 +179,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from diffusers_pd import ProgressiveDistillationScheduler, checkpoints, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_text  # noqa: E402
+from diffusers_pd.clipping import clip_card_row  # noqa: E402
 from diffusers_pd.data import load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.guidance import check_foldable_range, check_guidance_range  # noqa: E402
 from diffusers_pd.conditioning import ClassConditioning, TextConditioning  # noqa: E402
@@ -362,7 +364,7 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
             guidance_iterations=args.guidance_iterations or args.iterations_per_stage[0],
             iterations_per_stage=args.iterations_per_stage, start_steps=args.start_steps, end_steps=args.end_steps,
             prediction_type=args.prediction_type, learning_rate=args.learning_rate,
-            embedding_lr_scale=args.guidance_embedding_lr_scale,
+            embedding_lr_scale=args.guidance_embedding_lr_scale, teacher_clip_sample=args.teacher_clip_sample,
             loss_weighting="truncated_snr" if args.loss_weighting == "auto" else args.loss_weighting,  # not measured there
         )
     sample_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)
@@ -498,6 +500,10 @@ def distill(args, argv) -> dict:
         if progress.get("budgets", budgets) != budgets:  # checkpoints from before budgets were saved: not checked
             sys.exit(f"error: {checkpoint} was made with {progress['budgets']} iterations per stage, these arguments give "
                      f"{budgets}: pass the run's --iterations_per_stage / --num_trajectories again.")
+        clip_range = method.state().get("teacher_clip_range")
+        if progress.get("teacher_clip_range", clip_range) != clip_range:  # the original teacher's targets and references
+            sys.exit(f"error: {checkpoint} was made with the teacher's x-hat {clip_card_row(progress['teacher_clip_range'])}, "
+                     f"these arguments give {clip_card_row(clip_range)}: pass the run's --teacher_clip_sample again.")
         teacher = method.resume_teacher(teacher, progress["stage"])
         checkpoints.load_checkpoint(accelerator, checkpoint, {"teacher": teacher})
         method.load_state(progress)

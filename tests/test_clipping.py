@@ -1,4 +1,5 @@
-"""The teacher's x-hat clipping against diffusers' own DDIMScheduler(clip_sample=True) and the config defaults."""
+"""The teacher's x-hat clipping against diffusers' own DDIMScheduler(clip_sample=True) and the config defaults; for
+conditional teachers, the clamp of the classifier-free-guided x-hat against a float64 formula."""
 
 import pytest
 import torch
@@ -6,8 +7,11 @@ from conftest import tiny_unet
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from diffusers_pd.clipping import ClippedTeacher, epsilon_breaks_at_first_step, teacher_clip_range
+from diffusers_pd.denoiser import Denoiser, GuidedDenoiser
 from diffusers_pd.method import LoopContext
+from diffusers_pd.parameterization import clip_x_eps, x_from_eps
 from diffusers_pd.pipeline import ddim_samples
+from diffusers_pd.schedules import alphas_cumprod_from_config
 from diffusers_pd.sfd import SimpleFastDistillation, solver_samples
 
 
@@ -90,3 +94,135 @@ def test_sfd_clips_the_teachers_solver_and_refuses_an_eps_student_whose_first_ca
     auto = SimpleFastDistillation(config, shape, nfes=[2], iterations=1)  # --grid auto keeps AFS for such a teacher
     assert (auto.grid_kind, auto.afs, auto.teacher_steps_per_step) == ("trailing", True, 8)
     SimpleFastDistillation(ddpm_config("linear"), shape, nfes=[2], iterations=1, afs=False)  # not clipped: as before
+
+
+# ------------------------------------------------------------------------------------- conditional teachers (issue)
+def class_unet(seed: int = 0):
+    """A tiny class-conditional UNet2DModel (10 classes and the null class 10) whose class input matters."""
+    unet = tiny_unet(seed, num_class_embeds=11)
+    with torch.no_grad():
+        unet.class_embedding.weight.normal_(0, 1.0)
+    return unet
+
+
+def direct_clamped_cfg(unet, z, timesteps, labels, null, scale, config, clip_range):
+    """Float64 by hand: x_u, x_c of an eps teacher from two calls, x_s = clamp(x_u + s (x_c - x_u)), eps_s from x_s;
+    also the combination of the separately clamped halves, which a clamp per pass would give."""
+    abar = alphas_cumprod_from_config(config)[timesteps]
+    alpha, sigma = abar.sqrt().reshape(-1, 1, 1, 1), (1 - abar).sqrt().reshape(-1, 1, 1, 1)
+    with torch.no_grad():
+        x_u = (z - sigma * unet(z, timesteps, class_labels=null).sample) / alpha
+        x_c = (z - sigma * unet(z, timesteps, class_labels=labels).sample) / alpha
+    s = torch.as_tensor(scale, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    x = (x_u + s * (x_c - x_u)).clamp(-clip_range, clip_range)
+    halves = x_u.clamp(-clip_range, clip_range) + s * (x_c.clamp(-clip_range, clip_range) - x_u.clamp(-clip_range, clip_range))
+    return x, (z - alpha * x) / sigma, halves
+
+
+def test_the_guided_x_hat_is_clamped_after_the_combination_not_per_half():
+    config = ddpm_config("squaredcos_cap_v2")
+    unet = class_unet().double()
+    generator = torch.Generator().manual_seed(1)
+    z = torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64)
+    timesteps = torch.tensor([100, 400, 700, 950])  # x-hat in range at low noise, far outside at high noise
+    labels, null = torch.tensor([1, 3, 5, 7]), torch.full((4,), 10)
+    scales = torch.tensor([1.0, 2.0, 3.0, 4.5], dtype=torch.float64)
+    x_direct, eps_direct, halves = direct_clamped_cfg(unet, z, timesteps, labels, null, scales, config, 1.5)
+    guided = GuidedDenoiser(Denoiser(unet, config), clip_range=1.5)
+    with torch.no_grad():
+        x, eps = guided(z, timesteps, guidance_scale=scales, uncond={"class_labels": null}, class_labels=labels)
+        alpha, sigma = guided.alpha_sigma(timesteps.double())  # the caller's (alpha, sigma) give the same
+        x_given, _ = guided(z, timesteps, alpha=alpha, sigma=sigma, guidance_scale=scales, uncond={"class_labels": null},
+                            class_labels=labels)
+        x_plain, _ = GuidedDenoiser(Denoiser(unet, config))(z, timesteps, guidance_scale=scales,
+                                                            uncond={"class_labels": null}, class_labels=labels)
+    torch.testing.assert_close(x, x_direct, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(eps, eps_direct, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(x_given, x_direct, atol=1e-12, rtol=1e-12)
+    assert x.abs().max() == 1.5 and (x.abs() < 1.5).float().mean() > 0.2  # the clamp acts, and not everywhere
+    assert x_plain.abs().max() > 10  # unclamped: the guided x-hat leaves the range by far
+    assert (halves - x).abs().max() > 0.5  # clamping each pass first is another prediction: not what is done
+    # the pure function: eps re-derived from the clamped x-hat, in the parameterization's own terms
+    x_pure, eps_pure = clip_x_eps(x=x_plain, z=z, alpha=alpha.reshape(-1, 1, 1, 1), sigma=sigma.reshape(-1, 1, 1, 1),
+                                  clip_range=1.5)
+    torch.testing.assert_close(x_from_eps(z=z, eps=eps_pure, alpha=alpha.reshape(-1, 1, 1, 1),
+                                          sigma=sigma.reshape(-1, 1, 1, 1)), x_pure, atol=1e-10, rtol=1e-10)
+
+
+def test_clipped_teacher_passes_class_labels_and_text_embeddings_through():
+    from tiny_sd import TEXT_DIM, tiny_cond_unet
+
+    config = ddpm_config("squaredcos_cap_v2")
+    generator = torch.Generator().manual_seed(2)
+    timesteps = torch.tensor([500.0, 990.0])
+    for unet, cond, other in (
+        (class_unet(), {"class_labels": torch.tensor([1, 2])}, {"class_labels": torch.tensor([7, 8])}),
+        (tiny_cond_unet(), {"encoder_hidden_states": torch.randn(2, 16, TEXT_DIM, generator=generator)},
+         {"encoder_hidden_states": torch.randn(2, 16, TEXT_DIM, generator=generator)}),
+    ):
+        z = torch.randn(2, unet.config.in_channels, 8, 8, generator=generator)
+        clipped = ClippedTeacher(unet, config, 1.0)
+        with torch.no_grad():
+            x, _ = Denoiser(clipped, config)(z, timesteps, **cond)
+            x_raw, _ = Denoiser(unet, config)(z, timesteps, **cond)
+            x_other, _ = Denoiser(clipped, config)(z, timesteps, **other)
+        torch.testing.assert_close(x, x_raw.clamp(-1, 1), atol=1e-4, rtol=1e-4)  # float32 round trip through eps
+        assert x_raw.abs().max() > 1.5 and (x - x_other).abs().max() > 1e-3  # clamped, and the condition reached the UNet
+
+
+def test_guided_distillation_clips_a_class_conditional_cosine_eps_teacher_and_not_a_linear_one():
+    from diffusers_pd.conditioning import ClassConditioning
+    from diffusers_pd.guided import GuidedDistillation, guided_ddim_samples
+    from diffusers_pd.guided_distillation import GuidedDistillationLoss
+
+    generator = torch.Generator().manual_seed(3)
+    conditioning = ClassConditioning(torch.rand(20, 1, 8, 8, generator=generator) * 2 - 1, torch.arange(20) % 10,
+                                     num_class_embeds=11)
+
+    def method(config, **kwargs):
+        return GuidedDistillation(conditioning, config, guidance_scale_min=3.0, guidance_scale_max=3.0, guidance_iterations=1,
+                                  iterations_per_stage=1, start_steps=16, end_steps=8, prediction_type="auto",
+                                  loss_weighting="truncated_snr", learning_rate=1e-3, **kwargs)
+
+    cosine, linear = ddpm_config("squaredcos_cap_v2"), ddpm_config("linear")
+    clipped, plain = method(cosine), method(linear)
+    assert clipped.teacher_clip_range == 1.0 and plain.teacher_clip_range is None  # auto: its clip_sample, alpha_T 4.9e-5
+    assert method(linear, teacher_clip_sample="on").teacher_clip_range == 1.0
+    assert method(cosine, teacher_clip_sample="off").teacher_clip_range is None
+    assert clipped.state()["teacher_clip_range"] == 1.0 and plain.state()["teacher_clip_range"] is None
+    stage = clipped.stages()[0]
+    assert clipped.card_training(stage, 8)["teacher x-hat"] == "clamped to [-1, 1] (its clip_sample)"
+    assert plain.card_training(stage, 8)["teacher x-hat"] == "unclipped"
+    # the cosine eps teacher's students predict v from the first stage, the guided one included; a linear one keeps eps
+    assert clipped.guided_prediction_type == "v_prediction" and [e["prediction_type"] for e in clipped.plan] == ["v_prediction"]
+    assert plain.guided_prediction_type == "epsilon" and [e["prediction_type"] for e in plain.plan] == ["epsilon"]
+    assert clipped.guided_loss.teacher_clip_range == 1.0 and plain.guided_loss.teacher_clip_range is None
+
+    unet = class_unet()
+    latents = torch.randn(10, 1, 8, 8, generator=generator)
+    reference = clipped.reference_sampler()(unet, latents)
+    unclipped = method(cosine, teacher_clip_sample="off").reference_sampler()(unet, latents)
+    assert reference.abs().max() <= 1.0 + 1e-5 < unclipped.abs().max()
+    assert clipped.teacher_baseline(8)(unet, latents).abs().max() <= 1.0 + 1e-5
+    with pytest.raises(ValueError, match="Students are never clipped"):
+        guided_ddim_samples(unet, latents, scheduler_config=cosine, num_steps=8, conditioning=conditioning,
+                            guidance_scale=3.0, student=True, clip_range=1.0)
+
+    # stage one's target: the guided x-hat clamped after the combination (float64 by hand)
+    teacher = unet.double()
+    x0 = torch.rand(4, 1, 8, 8, generator=generator, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(4, 1, 8, 8, generator=generator, dtype=torch.float64)
+    timesteps, scales = torch.tensor([50, 500, 900, 999]), torch.full((4,), 3.0, dtype=torch.float64)
+    labels, null = torch.tensor([0, 4, 6, 9]), torch.full((4,), 10)
+    student = class_unet(seed=5).double()
+    loss = GuidedDistillationLoss(teacher_clip_range=1.0)(
+        Denoiser(student, cosine, "v_prediction"), Denoiser(teacher, cosine), x0, noise, timesteps, scales,
+        cond={"class_labels": labels}, uncond={"class_labels": null}, student_cond={})
+    abar = alphas_cumprod_from_config(cosine)[timesteps]
+    alpha, sigma = abar.sqrt().reshape(-1, 1, 1, 1), (1 - abar).sqrt().reshape(-1, 1, 1, 1)
+    z = alpha * x0 + sigma * noise
+    target, _, _ = direct_clamped_cfg(teacher, z, timesteps, labels, null, scales, cosine, 1.0)
+    with torch.no_grad():
+        x_student = alpha * z - sigma * student(z, timesteps, class_labels=labels).sample
+    weight = torch.clamp(alpha.reshape(-1) ** 2 / sigma.reshape(-1) ** 2, min=1.0)
+    torch.testing.assert_close(loss.detach().double(), weight * (x_student - target).pow(2).flatten(1).mean(1), rtol=1e-5, atol=0)

@@ -10,6 +10,10 @@ against a direct two-call formula, exactly 0 for the untrained student at s = 1,
 sampling: `ProgressiveDistillationPipeline(class_labels=..., guidance_scale=s)` makes NFE UNet calls of batch 2 x labels
 (the analytic first step, then labels and null class in one forward) and equals an independent loop: the analytic
 step written out (eps-hat = z) and diffusers' own DPMSolverMultistepScheduler of the folder, guiding the raw outputs.
+
+A squaredcos_cap_v2 eps teacher (clip_sample=True) is clipped by both methods: its guided x-hat clamped after the
+combination, its solver's x-hat at s = 1; a resume with another --teacher_clip_sample is refused (the clamp itself
+against a float64 formula: tests/test_clipping.py).
 """
 
 import json
@@ -22,7 +26,7 @@ from conftest import tiny_unet
 from safetensors.torch import load_file
 from test_train_distill_robustness import (
     UNET_WEIGHTS, assert_refused, assert_same_students, checkpoint_folders, distill_command, killed_then_resumed,
-    max_abs_diff, one_and_two_processes, run, script_env, unet_weights,
+    max_abs_diff, one_and_two_processes, run, script_env, snapshot, unet_weights,
 )
 
 from diffusers_pd import ProgressiveDistillationPipeline
@@ -159,7 +163,6 @@ SFD_BAD_INPUTS = {
     "guidance_flag": (["--guidance_scale_max", "3"], r"--guidance_scale_max is not a flag of --method sfd: drop it \(SFD "
                                                      r"distils a conditional teacher at s = 1"),
     "no_null_class": (["--null_class", "9"], r"needs a null class that no image has"),
-    "unconditional_flag": (["--teacher_clip_sample", "on"], r"--teacher_clip_sample applies to unconditional teachers only"),
 }
 
 
@@ -177,7 +180,7 @@ BAD_INPUTS = {
                    r"This teacher's UNet has no guidance input: pass one scale"),
     "no_null_class": (["--null_class", "9"], r"needs a null class that no image has"),
     "label_column": (["--label_column", "digit"], r"label column 'digit' not found"),
-    "unconditional_flag": (["--teacher_clip_sample", "on"], r"--teacher_clip_sample applies to unconditional teachers only"),
+    "unconditional_flag": (["--conversion_stage"], r"--conversion_stage applies to unconditional teachers only"),
     "text_flag": (["--caption_column", "text"], r"--caption_column is for text-to-image teachers"),
     "fold_flag": (["--guidance_scale_min", "3", "--guidance_scale_max", "3", "--fold_guidance_scale"],
                   r"--fold_guidance_scale is for text-to-image teachers: a class-conditional UNet2DModel has no guidance "
@@ -192,3 +195,64 @@ def test_bad_class_conditional_input_fails_once_clearly_before_writing_anything(
     result = run(distill_command(*TINY, "--teacher", class_teacher, "--start_steps", 8, "--end_steps", 4, "--output_dir", out,
                                  *extra), script_env(tmp_path / "hf_home"))
     assert_refused(result, message, out)
+
+
+# ------------------------------------------------------------------ a clipped teacher: squaredcos_cap_v2, eps, clip_sample
+@pytest.fixture(scope="module")
+def cosine_class_teacher(tmp_path_factory):
+    """The class-conditional teacher on squaredcos_cap_v2 (alpha_T = 4.9e-5; DDPMScheduler saves clip_sample=True):
+    unclipped, its x-hat = (z - sigma eps) / alpha multiplies eps errors by 20,000 at t = 999."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    folder = tmp_path_factory.mktemp("teacher") / "cosine-classes"
+    unet = tiny_unet(0, num_class_embeds=11)
+    with torch.no_grad():
+        unet.class_embedding.weight.normal_(0, 1.0)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    assert scheduler.config.clip_sample and scheduler.config.prediction_type == "epsilon"
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return folder
+
+
+def test_guided_distillation_clamps_a_clipped_teachers_guided_x_hat_and_a_resume_must_keep_the_setting(cosine_class_teacher,
+                                                                                                        tmp_path):
+    """--teacher_clip_sample on is read for a class-conditional teacher: the teacher's guided x-hat is clamped, so its
+    reference samples (8-step DDIM) lie in [-1, 1], and its students predict v from the guided stage on, so theirs stay
+    O(1): every distance is below 4 (measured 0.36; unclamped, the reference reaches |x| ~ 10^4 and the distance 4e8)."""
+    out = tmp_path / "out"
+    env = script_env(tmp_path / "hf_home")
+    common = [*TINY, "--teacher", cosine_class_teacher, "--guidance_scale_min", 3, "--guidance_scale_max", 3,
+              "--start_steps", 8, "--end_steps", 4, "--iterations_per_stage", 2, "--guidance_iterations", 2,
+              "--learning_rate", 1e-3, "--output_dir", out]
+    result = run(distill_command(*common, "--teacher_clip_sample", "on"), env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(row["steps"], row["prediction_type"]) for row in summary] == [(8, "v_prediction"), (4, "v_prediction")]
+    assert all(math.isfinite(row["mse_to_teacher"]) and math.isfinite(row["teacher_ddim_mse"]) for row in summary), summary
+    assert all(row["mse_to_teacher"] < 4.0 for row in summary), summary
+    for steps in (8, 4):
+        folder = out / f"student-{steps}steps"
+        assert "| teacher x-hat | clamped to [-1, 1] (its clip_sample) |" in (folder / "README.md").read_text()
+        info = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        assert info["prediction_type"] == "v_prediction", steps  # an eps student would break at t = 999 unclipped
+
+    before = snapshot(out)
+    again = run(distill_command(*common, "--teacher_clip_sample", "off", "--resume_from_checkpoint", "latest"), env)
+    assert again.returncode != 0
+    assert again.stderr.strip().splitlines()[-1].endswith(
+        "was made with the teacher's x-hat clamped to [-1, 1] (its clip_sample), these arguments give unclipped: pass "
+        "the run's --teacher_clip_sample again.")
+    assert snapshot(out) == before
+
+
+def test_sfd_of_a_clipped_class_conditional_teacher_clamps_its_solver(cosine_class_teacher, tmp_path):
+    """Conditional SFD (s = 1) reads --teacher_clip_sample: auto clips this teacher in its solver (the reference) and its
+    DDIM baseline, both then in [-1, 1] with a distance at most 4 (measured 0.034; off: 2e5); the card says so."""
+    out = tmp_path / "out"
+    result = run(distill_command(*TINY, "--method", "sfd", "--teacher", cosine_class_teacher, "--nfe", 2,
+                                 "--num_trajectories", 16, "--teacher_steps_per_step", 2, "--learning_rate", 1e-3,
+                                 "--teacher_clip_sample", "auto", "--output_dir", out), script_env(tmp_path / "hf_home"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    (row,) = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(row["mse_to_teacher"]) and 0 < row["teacher_ddim_mse"] <= 4.0, row
+    assert "| teacher x-hat | clamped to [-1, 1] (its clip_sample) |" in (out / "student-2steps" / "README.md").read_text()

@@ -11,9 +11,12 @@ two-step targets, the fidelity references and the teacher's DDIM baselines) are 
 `clip_sample=True, use_clipped_model_output=True` on the trailing grid. Students are never clipped: they are saved
 for, and sampled by, stock unclipped schedulers (an eps student on such a schedule breaks there too, so
 `parameterization.stage_plan` gives it v from the first stage). `--teacher_clip_sample auto` (the default) clips
-where the config says `clip_sample` AND the teacher `epsilon_breaks_at_first_step`; `on` / `off` force it. Both
-methods read it: progressive distillation clips the original teacher's DDIM steps, SFD its solver's trajectories (the
-data prediction of DPM-Solver++ is the same x-hat).
+where the config says `clip_sample` AND the teacher `epsilon_breaks_at_first_step`; `on` / `off` force it. Every
+method reads it, for the ORIGINAL teacher only: progressive distillation clips its DDIM steps, SFD its solver's
+trajectories (the data prediction of DPM-Solver++ is the same x-hat; a conditional teacher's at s = 1, `ClippedTeacher`
+passing class labels and text embeddings through), guided distillation its classifier-free-guided x-hat AFTER the
+combination, clamp(x_u + s (x_c - x_u)), not each pass (`GuidedDenoiser(clip_range=r)`: stage one's targets, the
+reference samples, the teacher's DDIM baselines; a first halving without a guided stage is s = 1, `ClippedTeacher`).
 """
 
 import inspect

@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Tuple, Union
 import torch
 
 from .guidance import cfg_combine
-from .parameterization import check_prediction_type, x_eps_from_output
+from .parameterization import check_prediction_type, clip_x_eps, x_eps_from_output
 from .scheduler import check_parameterization_fits_schedule
 from .schedules import alpha_sigma_interpolated, alphas_cumprod_from_config, broadcast_like
 
@@ -87,10 +87,15 @@ class GuidedDenoiser:
     [z; z] with [uncond[k]; cond[k]] for every key of `uncond` (the null text embeddings or the null class label)
     and [cond[k]; cond[k]] for the other keys of `cond` (inputs both halves share). `guidance_scale` is a number
     or one per sample. Solvers pass `guidance_scale` and `uncond` through like any other condition.
+
+    `clip_range` r (a teacher whose scheduler config clips, `clipping.teacher_clip_range`): the GUIDED x-hat is clamped,
+    x_s = clamp(x_u + s (x_c - x_u), -r, r), and eps-hat re-derived from it (`clip_x_eps`), as diffusers clamps the
+    x-hat of the guided noise prediction (not each half; at s = 1 the conditional x-hat, as `ClippedTeacher`'s).
     """
 
-    def __init__(self, denoiser: Denoiser):
+    def __init__(self, denoiser: Denoiser, clip_range: Optional[float] = None):
         self.denoiser = denoiser
+        self.clip_range = clip_range
 
     def alpha_sigma(self, timesteps) -> Tuple[torch.Tensor, torch.Tensor]:
         """The wrapped denoiser's (alpha_t, sigma_t)."""
@@ -107,7 +112,8 @@ class GuidedDenoiser:
         sigma: Optional[Union[float, torch.Tensor]] = None,
         **cond,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(x-hat, eps-hat) of the guided prediction at scale s from one network call on the doubled batch."""
+        """(x-hat, eps-hat) of the guided prediction at scale s (x-hat clamped with `clip_range`) from one network call on
+        the doubled batch."""
         if not uncond or set(uncond) - set(cond):
             raise ValueError(
                 f"uncond must give the unconditional value of some of the conditions {sorted(cond)}, got {sorted(uncond)}: "
@@ -120,5 +126,11 @@ class GuidedDenoiser:
             alpha=repeat_per_sample(alpha, batch), sigma=repeat_per_sample(sigma, batch), **both,
         )
         (x_u, x_c), (eps_u, eps_c) = x.chunk(2), eps.chunk(2)
-        return (cfg_combine(uncond=x_u, cond=x_c, guidance_scale=guidance_scale),
-                cfg_combine(uncond=eps_u, cond=eps_c, guidance_scale=guidance_scale))
+        x = cfg_combine(uncond=x_u, cond=x_c, guidance_scale=guidance_scale)
+        eps = cfg_combine(uncond=eps_u, cond=eps_c, guidance_scale=guidance_scale)
+        if self.clip_range is None:
+            return x, eps
+        if alpha is None or sigma is None:
+            alpha, sigma = self.alpha_sigma(torch.as_tensor(timesteps, dtype=torch.float64).reshape(-1).cpu())
+        alpha, sigma = broadcast_like(x, alpha, sigma, dtype=x.dtype)
+        return clip_x_eps(x=x, z=z.to(x.dtype), alpha=alpha, sigma=sigma, clip_range=self.clip_range)

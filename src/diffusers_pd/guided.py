@@ -5,7 +5,9 @@ UNet2DConditionModel the `time_cond_proj_dim` embedding, fed `e(s - 1)` as `Stab
 UNet2DModel has none, so one scale is built into its weights), trained to match the teacher's classifier-free-guided
 prediction at s ~ U[s_min, s_max] at all timesteps (`GuidedDistillationLoss`, the teacher's two passes as one batched
 forward). Stage two: progressive halvings start_steps/2, ..., end_steps of that student, the teacher side conditioned
-on the same s (`ProgressiveDistillationLoss` over `RawOutput(unet, **cond)`).
+on the same s (`ProgressiveDistillationLoss` over `RawOutput(unet, **cond)`). Where the original teacher's x-hat is
+clamped (`--teacher_clip_sample`, `clipping.teacher_clip_range`), its classifier-free-guided x-hat is clamped after the
+combination, in stage one's targets, the reference samples and its DDIM baselines (`GuidedDenoiser(clip_range=r)`).
 
 What differs between teacher kinds (data, condition, null condition, guidance input, export) is the condition
 adapter's (`conditioning.py`): text-to-image students are stock `StableDiffusionPipeline` folders that run ONE UNet
@@ -14,10 +16,11 @@ call per step at any guidance scale; class-conditional ones are sampled by `Prog
 
 import copy
 from functools import partial
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
+from .clipping import clip_card_row, clipped_teacher, epsilon_breaks_at_first_step, teacher_clip_range
 from .denoiser import Denoiser, GuidedDenoiser
 from .grids import student_grid
 from .guidance import check_guidance_range
@@ -35,10 +38,12 @@ from .training import linear_decay_lr
 
 @torch.no_grad()
 def guided_ddim_samples(unet, latents: torch.Tensor, *, scheduler_config, num_steps: int, conditioning, guidance_scale: float,
-                        student: bool) -> torch.Tensor:
+                        student: bool, clip_range: Optional[float] = None) -> torch.Tensor:
     """Deterministic DDIM on the trailing N-step grid from `latents` on the conditioning's validation inputs: a student
     at s (one call per step; s as its input or built in), or the teacher with classifier-free guidance at s (one
-    batched call of 2B per step)."""
+    batched call of 2B per step), its guided x-hat clamped to [-clip_range, clip_range] if given (`GuidedDenoiser`)."""
+    if student and clip_range is not None:
+        raise ValueError("Students are never clipped: pass clip_range only for the original teacher.")
     batch = latents.shape[0]
     cond = conditioning.validation_cond(batch, latents.device)
     grid = student_grid(dict(scheduler_config), num_steps, "trailing")
@@ -47,7 +52,7 @@ def guided_ddim_samples(unet, latents: torch.Tensor, *, scheduler_config, num_st
         if student:
             cond.update(conditioning.guidance_cond(guidance_scale, batch, latents.device))
             return ddim_trajectory(denoiser, latents, grid, **cond)[-1]
-        return ddim_trajectory(GuidedDenoiser(denoiser), latents, grid, guidance_scale=guidance_scale,
+        return ddim_trajectory(GuidedDenoiser(denoiser, clip_range), latents, grid, guidance_scale=guidance_scale,
                                uncond=conditioning.uncond(cond), **cond)[-1]
 
 
@@ -58,6 +63,8 @@ class GuidedBatch(Batch):
 
     def __init__(self, method: "GuidedDistillation", stage: Stage, iteration: int, teacher, ctx: LoopContext):
         self.method, self.stage, self.iteration, self.teacher, self.ctx = method, stage, iteration, teacher, ctx
+        if stage.index == 0 and not method.guided_stage:  # a first halving of the original teacher (s = 1): its DDIM
+            self.teacher = method.clipped(teacher)  # steps clamp its x-hat (the guided stage clamps in its loss)
 
     def loss(self, student, update: int, micro: int) -> torch.Tensor:
         method, ctx, stage, conditioning = self.method, self.ctx, self.stage, self.method.conditioning
@@ -72,8 +79,9 @@ class GuidedBatch(Batch):
                 shape, num_train_timesteps=method.num_train_timesteps, guidance_scale_min=method.guidance_scale_min,
                 guidance_scale_max=method.guidance_scale_max, generator=generator)
             scales = ctx.rank_slice(scales)
+            student_denoiser = Denoiser(student, method.config, method.guided_prediction_type)
             return method.guided_loss(
-                Denoiser(student, method.config), Denoiser(self.teacher, method.teacher_config), x0,
+                student_denoiser, Denoiser(self.teacher, method.teacher_config), x0,
                 ctx.rank_slice(noise).to(ctx.device), ctx.rank_slice(timesteps).to(ctx.device), scales.to(ctx.device),
                 cond=cond, uncond=conditioning.uncond(cond),
                 student_cond=conditioning.guidance_cond(scales, len(scales), ctx.device))
@@ -97,7 +105,13 @@ class GuidedDistillation(DistillationMethod):
             order, the last repeating (`method.stage_budgets`).
         start_steps, end_steps: stage one's student steps (= the first halving's teacher) and the last student's.
         prediction_type: the halved students' parameterization, or "auto" (`parameterization.stage_plan`'s rule);
-            stage one keeps the teacher's (it starts equal to it).
+            stage one keeps the teacher's (it starts equal to it), except for an epsilon teacher that
+            `epsilon_breaks_at_first_step`: there every student, stage one's too, takes the plan's first one (v for
+            "auto"), as an eps student sampled unclipped would break at t = T.
+        teacher_clip_sample: "auto", "on" or "off": whether the ORIGINAL teacher's x-hat is clamped
+            (`clipping.teacher_clip_range`): its classifier-free-guided x-hat after the combination in stage one's
+            targets, its reference samples and DDIM baselines (`GuidedDenoiser`), its DDIM steps in a first halving
+            without a guided stage (`ClippedTeacher`); the later stages' teachers are students, never clipped.
     """
 
     name = "guided"
@@ -105,7 +119,7 @@ class GuidedDistillation(DistillationMethod):
 
     def __init__(self, conditioning, scheduler_config: Mapping, *, guidance_scale_min: float, guidance_scale_max: float,
                  guidance_iterations: int, iterations_per_stage: int, start_steps: int, end_steps: int, prediction_type: str,
-                 loss_weighting: str, learning_rate: float, embedding_lr_scale: float = 1.0):
+                 loss_weighting: str, learning_rate: float, embedding_lr_scale: float = 1.0, teacher_clip_sample: str = "auto"):
         check_guidance_range(guidance_scale_min, guidance_scale_max)
         if not conditioning.guidance_input and guidance_scale_min != guidance_scale_max:
             raise ValueError(f"This teacher's UNet has no guidance input: pass one scale (--guidance_scale_min = "
@@ -113,6 +127,7 @@ class GuidedDistillation(DistillationMethod):
         self.halvings = stage_steps(start_steps, end_steps)
         self.conditioning = conditioning
         self.teacher_config = dict(scheduler_config)
+        self.teacher_clip_range = teacher_clip_range(self.teacher_config, teacher_clip_sample)
         self.config = dict(scheduler_config)  # the current stage's teacher's
         self.num_train_timesteps = int(self.config["num_train_timesteps"])
         self.guidance_scale_min, self.guidance_scale_max = guidance_scale_min, guidance_scale_max
@@ -121,12 +136,15 @@ class GuidedDistillation(DistillationMethod):
         self.guidance_iterations = guidance_iterations
         self.budgets = stage_budgets(iterations_per_stage, len(self.halvings))
         self.start_steps, self.end_steps = start_steps, end_steps
-        # the halved students' parameterizations: the rule of progressive distillation (stage one keeps the teacher's)
+        # the halved students' parameterizations: the rule of progressive distillation (stage one keeps the teacher's,
+        # except where eps breaks at t = T: then the plan's first, v for auto)
+        breaks = epsilon_breaks_at_first_step(self.teacher_config)
         self.plan = stage_plan(stage_steps=self.halvings, teacher_prediction_type=self.config["prediction_type"],
-                               prediction_type=prediction_type)
+                               prediction_type=prediction_type, epsilon_breaks_at_first_step=breaks)
+        self.guided_prediction_type = self.plan[0]["prediction_type"] if breaks else self.config["prediction_type"]
         self.loss_weighting, self.peak_learning_rate = loss_weighting, learning_rate
         self.embedding_lr_scale = embedding_lr_scale  # the guided stage's new guidance embedding learns at lr x this
-        self.guided_loss = GuidedDistillationLoss(weighting=loss_weighting)
+        self.guided_loss = GuidedDistillationLoss(weighting=loss_weighting, teacher_clip_range=self.teacher_clip_range)
 
     def title(self, teacher: str) -> str:
         return (f"Guided distillation of {teacher}: s in [{self.guidance_scale_min}, {self.guidance_scale_max}], "
@@ -169,9 +187,15 @@ class GuidedDistillation(DistillationMethod):
         return GuidedBatch(self, stage, iteration, teacher, ctx)
 
     def sampler_for(self, config, num_steps: int, student: bool):
-        """(unet, latents) -> samples of DDIM at `num_steps` on the validation inputs at the validation scale."""
+        """(unet, latents) -> samples of DDIM at `num_steps` on the validation inputs at the validation scale (the
+        original teacher's guided x-hat clamped where `teacher_clip_range` says so)."""
         return partial(guided_ddim_samples, scheduler_config=config, num_steps=num_steps, conditioning=self.conditioning,
-                       guidance_scale=self.validation_scale, student=student)
+                       guidance_scale=self.validation_scale, student=student,
+                       clip_range=None if student else self.teacher_clip_range)
+
+    def clipped(self, teacher):
+        """The original teacher as a first halving's DDIM steps see it: x-hat clamped where `teacher_clip_range` says so."""
+        return clipped_teacher(teacher, self.teacher_config, self.teacher_clip_range)
 
     def finish_stage(self, stage: Stage, student) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
         """The student becomes the next teacher; it is saved at its stage's step count."""
@@ -179,6 +203,8 @@ class GuidedDistillation(DistillationMethod):
         teacher_prediction_type = self.config["prediction_type"]
         if stage.index > 0 or not self.guided_stage:
             self.config = {**self.config, "prediction_type": self.plan[stage.index - int(self.guided_stage)]["prediction_type"]}
+        else:
+            self.config = {**self.config, "prediction_type": self.guided_prediction_type}
         finished = FinishedStudent(
             num_steps, student, None, sampler=self.sampler_for(self.config, num_steps, student=True),
             saver=partial(self.conditioning.save, scheduler_config=self.teacher_config,
@@ -194,6 +220,7 @@ class GuidedDistillation(DistillationMethod):
         return {"updates": stage.iterations, "global batch size": global_batch,
                 "learning rate": f"{self.peak_learning_rate} (linear decay to 0 per stage)", "loss weighting": self.loss_weighting,
                 "guidance scale range": f"[{self.guidance_scale_min}, {self.guidance_scale_max}]",
+                "teacher x-hat": clip_card_row(self.teacher_clip_range),
                 **({"guidance embedding learning rate": f"{self.embedding_lr_scale:g} x the learning rate (the new, "
                     "zero-initialised `time_embedding.cond_proj`; --guidance_embedding_lr_scale)"}
                    if stage.index == 0 and self.guided_stage and self.conditioning.guidance_input else {})}
@@ -206,7 +233,7 @@ class GuidedDistillation(DistillationMethod):
         return self.sampler_for(self.teacher_config, nfe, student=False)
 
     def state(self) -> Dict[str, Any]:
-        return {"guided_prediction_type": self.config["prediction_type"]}
+        return {"guided_prediction_type": self.config["prediction_type"], "teacher_clip_range": self.teacher_clip_range}
 
     def load_state(self, state: Dict[str, Any]) -> None:
         self.config = {**self.config, "prediction_type": state.get("guided_prediction_type", self.config["prediction_type"])}

@@ -6,7 +6,8 @@ at scale s, s drawn per sample from [s_min, s_max] and t from the whole table:
     L = w(lambda_t) || x-hat_eta(z_t, t, c, e(s - 1)) - x-hat^s_theta(z_t, t, c) ||^2,
     x-hat^s_theta = x-hat_theta(z_t, t, u) + s (x-hat_theta(z_t, t, c) - x-hat_theta(z_t, t, u)),
 
-with z_t = alpha_t x + sigma_t eps, e the guidance embedding as `StableDiffusionPipeline` feeds it (guidance.py),
+with z_t = alpha_t x + sigma_t eps (the target clamped to [-r, r] after the combination for a teacher whose scheduler
+config clips, `teacher_clip_range`), e the guidance embedding as `StableDiffusionPipeline` feeds it (guidance.py),
 and the teacher's conditional and unconditional passes as one batched forward (`GuidedDenoiser`). The loss object
 returns the UNREDUCED per-sample loss (the EDM pattern of loss.py); stage two (halvings of the student, the teacher
 side conditioned on the same s) reuses the progressive-distillation target with these conditions.
@@ -46,12 +47,16 @@ class GuidedDistillationLoss:
         embedding_dim: the student's `time_cond_proj_dim` (the guidance embedding's size); None: the caller passes the
             student's guidance input as `student_cond` (nothing for a student with the scale built in).
         weighting: w(lambda) of the x-space MSE: `"truncated_snr"` (max(SNR, 1), the paper's), `"snr_plus_one"`, ...
+        teacher_clip_range: r of a teacher whose x-hat is clamped (`clipping.teacher_clip_range`): the target is
+            clamp(x-hat^s_theta, -r, r), the guided x-hat clamped after the combination (`GuidedDenoiser`); None: unclamped.
     """
 
-    def __init__(self, *, embedding_dim: Optional[int] = None, weighting: str = "truncated_snr"):
+    def __init__(self, *, embedding_dim: Optional[int] = None, weighting: str = "truncated_snr",
+                 teacher_clip_range: Optional[float] = None):
         loss_weight(alpha=torch.ones(1), sigma=torch.ones(1), weighting=weighting)  # validate early
         self.embedding_dim = embedding_dim
         self.weighting = weighting
+        self.teacher_clip_range = teacher_clip_range
 
     def __call__(
         self,
@@ -75,8 +80,8 @@ class GuidedDistillationLoss:
         shape = (-1,) + (1,) * (latents.ndim - 1)
         z = (alpha.reshape(shape).to(latents.device) * latents + sigma.reshape(shape).to(latents.device) * noise).to(latents.dtype)
         with torch.no_grad():
-            x_target, _ = GuidedDenoiser(teacher)(z, timesteps, alpha=alpha, sigma=sigma, guidance_scale=guidance_scales,
-                                                  uncond=uncond, **cond)
+            x_target, _ = GuidedDenoiser(teacher, self.teacher_clip_range)(
+                z, timesteps, alpha=alpha, sigma=sigma, guidance_scale=guidance_scales, uncond=uncond, **cond)
         if student_cond is None:
             student_cond = {} if self.embedding_dim is None else {"timestep_cond": guidance_timestep_cond(
                 guidance_scales.cpu(), self.embedding_dim, batch_size=latents.shape[0]).to(latents.device)}

@@ -88,6 +88,13 @@ def clip_output(*, output, z, alpha, sigma, prediction_type: str, clip_range: fl
     return output_from_x(x=x.clamp(-clip_range, clip_range), z=z, alpha=alpha, sigma=sigma, prediction_type=prediction_type)
 
 
+def clip_x_eps(*, x, z, alpha, sigma, clip_range: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(x', eps') = (clamp(x, -clip_range, clip_range), (z - alpha x') / sigma): a prediction's x-hat clamped, eps-hat
+    re-derived from it (diffusers' `clip_sample=True` with `use_clipped_model_output=True`, on any x-hat: e.g. guided)."""
+    x = x.clamp(-clip_range, clip_range)
+    return x, eps_from_x(z=z, x=x, alpha=alpha, sigma=sigma)
+
+
 def convert_output(*, output, z, alpha, sigma, from_type: str, to_type: str):
     """The output in `to_type` that means the same x-hat as `output` in `from_type` at (z, alpha, sigma)."""
     x, _ = x_eps_from_output(output=output, z=z, alpha=alpha, sigma=sigma, prediction_type=from_type)

@@ -182,7 +182,7 @@ class ProgressiveDistillation(DistillationMethod):
                                                          num_steps=nfe, **cond)
 
     def state(self) -> Dict[str, Any]:
-        return {"teacher_prediction_type": self.teacher_prediction_type}
+        return {"teacher_prediction_type": self.teacher_prediction_type, "teacher_clip_range": self.teacher_clip_range}
 
     def load_state(self, state: Dict[str, Any]) -> None:
         self.teacher_prediction_type = state.get("teacher_prediction_type", self.teacher_prediction_type)

@@ -28,7 +28,9 @@ Conditional teachers (a Stable Diffusion pipeline, a class-conditional UNet2DMod
 gets a condition drawn from the data's captions or labels, and the teacher's trajectory and the student's steps are
 both conditioned on it at guidance scale s = 1 (the plain conditional prediction, no unconditional pass in training),
 as the paper distils Stable Diffusion; classifier-free guidance is applied at sampling, at any s, two predictions per
-step as one batched forward (`sfd_student_samples(..., guidance_scale=s, uncond=...)`).
+step as one batched forward (`sfd_student_samples(..., guidance_scale=s, uncond=...)`). A clipped teacher
+(`--teacher_clip_sample`) has its conditional x-hat clamped in its solver as an unconditional one's (`ClippedTeacher`
+passes the condition through; at s = 1 that is the guided x-hat diffusers would clamp).
 """
 
 import copy
@@ -453,6 +455,10 @@ class SimpleFastDistillation(DistillationMethod):
 
     def teacher_baseline(self, nfe: int):
         return self.teacher_sampler(partial(ddim_samples, scheduler_config=self.config, num_steps=nfe))
+
+    def state(self) -> Dict[str, Any]:
+        """The teacher's clamp (a resume with another `--teacher_clip_sample` is refused)."""
+        return {"teacher_clip_range": self.teacher_clip_range}
 
     def teacher_sampler(self, sampler: Callable) -> Callable:
         """`sampler(unet, latents, **cond)` run on the original teacher as its solver sees it (`clipped`), on the
