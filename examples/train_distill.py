@@ -41,7 +41,7 @@ SFD_FLAGS = ("nfe", "teacher_solver", "teacher_steps_per_step", "afs", "loss", "
              "second_stage_trajectories", "second_stage_learning_rate")
 DEFAULT_LEARNING_RATE = {"progressive": 3e-4, "sfd": 5e-5}
 # flags of unconditional distillation that the distillation of a conditional teacher does not read
-UNCONDITIONAL_PD_FLAGS = ("scale_lr_with_steps", "parameterization_switch_steps", "conversion_stage")
+UNCONDITIONAL_PD_FLAGS = ("scale_lr_with_steps", "conversion_stage")
 
 
 def refuse_unconditional_flags(args) -> None:
@@ -365,6 +365,7 @@ def make_method(args, scheduler_config, dataset, teacher, num_processes: int) ->
             iterations_per_stage=args.iterations_per_stage, start_steps=args.start_steps, end_steps=args.end_steps,
             prediction_type=args.prediction_type, learning_rate=args.learning_rate,
             embedding_lr_scale=args.guidance_embedding_lr_scale, teacher_clip_sample=args.teacher_clip_sample,
+            switch_steps=args.parameterization_switch_steps,
             loss_weighting="truncated_snr" if args.loss_weighting == "auto" else args.loss_weighting,  # not measured there
         )
     sample_shape = (teacher.config.in_channels, teacher.config.sample_size, teacher.config.sample_size)

@@ -108,6 +108,8 @@ class GuidedDistillation(DistillationMethod):
             stage one keeps the teacher's (it starts equal to it), except for an epsilon teacher that
             `epsilon_breaks_at_first_step`: there every student, stage one's too, takes the plan's first one (v for
             "auto"), as an eps student sampled unclipped would break at t = T.
+        switch_steps: the step count from which the halved students take `prediction_type`'s final
+            parameterization (`stage_plan`; None: its rule, v from 4 steps for an eps teacher).
         teacher_clip_sample: "auto", "on" or "off": whether the ORIGINAL teacher's x-hat is clamped
             (`clipping.teacher_clip_range`): its classifier-free-guided x-hat after the combination in stage one's
             targets, its reference samples and DDIM baselines (`GuidedDenoiser`), its DDIM steps in a first halving
@@ -119,7 +121,8 @@ class GuidedDistillation(DistillationMethod):
 
     def __init__(self, conditioning, scheduler_config: Mapping, *, guidance_scale_min: float, guidance_scale_max: float,
                  guidance_iterations: int, iterations_per_stage: int, start_steps: int, end_steps: int, prediction_type: str,
-                 loss_weighting: str, learning_rate: float, embedding_lr_scale: float = 1.0, teacher_clip_sample: str = "auto"):
+                 loss_weighting: str, learning_rate: float, embedding_lr_scale: float = 1.0, teacher_clip_sample: str = "auto",
+                 switch_steps: Optional[int] = None):
         check_guidance_range(guidance_scale_min, guidance_scale_max)
         if not conditioning.guidance_input and guidance_scale_min != guidance_scale_max:
             raise ValueError(f"This teacher's UNet has no guidance input: pass one scale (--guidance_scale_min = "
@@ -140,7 +143,8 @@ class GuidedDistillation(DistillationMethod):
         # except where eps breaks at t = T: then the plan's first, v for auto)
         breaks = epsilon_breaks_at_first_step(self.teacher_config)
         self.plan = stage_plan(stage_steps=self.halvings, teacher_prediction_type=self.config["prediction_type"],
-                               prediction_type=prediction_type, epsilon_breaks_at_first_step=breaks)
+                               prediction_type=prediction_type, switch_steps=switch_steps,
+                               epsilon_breaks_at_first_step=breaks)
         self.guided_prediction_type = self.plan[0]["prediction_type"] if breaks else self.config["prediction_type"]
         self.loss_weighting, self.peak_learning_rate = loss_weighting, learning_rate
         self.embedding_lr_scale = embedding_lr_scale  # the guided stage's new guidance embedding learns at lr x this
@@ -153,8 +157,14 @@ class GuidedDistillation(DistillationMethod):
     def stages(self) -> List[Stage]:
         first = [Stage(0, f"guided: s in [{self.guidance_scale_min}, {self.guidance_scale_max}]", self.guidance_iterations,
                        (self.start_steps,))] if self.guided_stage else []
-        return first + [Stage(len(first) + i, f"{2 * n} -> {n}", self.budgets[i], (n,))
-                        for i, n in enumerate(self.halvings)]
+        return first + [Stage(len(first) + i, self.halving_name(i), self.budgets[i], (n,)) for i, n in enumerate(self.halvings)]
+
+    def halving_name(self, index: int) -> str:
+        """'8 -> 4', or '8 -> 4 (v_prediction)' for a student predicting other than the original teacher (a resume
+        with another parameterization plan is then refused as one with other stages)."""
+        entry = self.plan[index]
+        name = f"{2 * entry['steps']} -> {entry['steps']}"
+        return name if entry["prediction_type"] == self.teacher_config["prediction_type"] else f"{name} ({entry['prediction_type']})"
 
     def resume_teacher(self, teacher, stage_index: int):
         """The architecture of stage `stage_index`'s teacher: after stage one, the guidance-conditioned student's."""
