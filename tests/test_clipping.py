@@ -229,22 +229,24 @@ def test_guided_distillation_clips_a_class_conditional_cosine_eps_teacher_and_no
 
 
 def test_guided_halvings_switch_parameterization_where_parameterization_switch_steps_says_and_name_it():
-    """Guided distillation reads `switch_steps` as progressive distillation does (`stage_plan`); a halving whose student
-    predicts other than the teacher names it, so a resume with another plan is refused as one with other stages."""
+    """Guided distillation's eps students predict v from GUIDED_EPSILON_SWITCH_STEPS (2) unless `switch_steps` says
+    otherwise (`stage_plan`); a halving whose student predicts other than the teacher names it, so a resume with
+    another plan is refused as one with other stages."""
     from diffusers_pd.conditioning import ClassConditioning
     from diffusers_pd.guided import GuidedDistillation
 
     conditioning = ClassConditioning(torch.zeros(20, 1, 8, 8), torch.arange(20) % 10, num_class_embeds=11)
 
-    def method(**kwargs):
+    def method(prediction_type="auto", **kwargs):
         return GuidedDistillation(conditioning, ddpm_config("linear"), guidance_scale_min=3.0, guidance_scale_max=3.0,
                                   guidance_iterations=1, iterations_per_stage=1, start_steps=16, end_steps=2,
-                                  prediction_type="auto", loss_weighting="truncated_snr", learning_rate=1e-3, **kwargs)
+                                  prediction_type=prediction_type, loss_weighting="truncated_snr", learning_rate=1e-3, **kwargs)
 
-    default, late = method(), method(switch_steps=2)
-    assert [e["prediction_type"] for e in default.plan] == ["epsilon", "v_prediction", "v_prediction"]  # v from 4 steps
-    assert [e["prediction_type"] for e in late.plan] == ["epsilon", "epsilon", "v_prediction"]
+    default, early = method(), method(switch_steps=4)
+    assert [e["prediction_type"] for e in default.plan] == ["epsilon", "epsilon", "v_prediction"]  # guided: v from 2 steps
+    assert [e["prediction_type"] for e in early.plan] == ["epsilon", "v_prediction", "v_prediction"]
     names = lambda m: [stage.name for stage in m.stages()]  # noqa: E731
-    assert names(default)[1:] == ["16 -> 8", "8 -> 4 (v_prediction)", "4 -> 2 (v_prediction)"]
-    assert names(late)[1:] == ["16 -> 8", "8 -> 4", "4 -> 2 (v_prediction)"]
-    assert default.guided_prediction_type == late.guided_prediction_type == "epsilon"
+    assert names(default)[1:] == ["16 -> 8", "8 -> 4", "4 -> 2 (v_prediction)"]
+    assert names(early)[1:] == ["16 -> 8", "8 -> 4 (v_prediction)", "4 -> 2 (v_prediction)"]
+    assert default.guided_prediction_type == early.guided_prediction_type == "epsilon"
+    assert [e["prediction_type"] for e in method(prediction_type="v_prediction").plan] == ["v_prediction"] * 3  # at once

@@ -28,7 +28,7 @@ from .guided_distillation import GuidedDistillationLoss, draw_guided_batch, unif
 from .loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage, stage_budgets
 from .pipeline import evaluating
-from .parameterization import stage_plan
+from .parameterization import GUIDED_EPSILON_SWITCH_STEPS, stage_plan
 from .progressive import stage_steps
 from .scheduler import ProgressiveDistillationScheduler
 from .solvers import ddim_trajectory
@@ -109,7 +109,8 @@ class GuidedDistillation(DistillationMethod):
             `epsilon_breaks_at_first_step`: there every student, stage one's too, takes the plan's first one (v for
             "auto"), as an eps student sampled unclipped would break at t = T.
         switch_steps: the step count from which the halved students take `prediction_type`'s final
-            parameterization (`stage_plan`; None: its rule, v from 4 steps for an eps teacher).
+            parameterization (`stage_plan`); None: for "auto", GUIDED_EPSILON_SWITCH_STEPS (v from 2 steps for an eps
+            teacher, measured on the text-to-image demo), else the first halving.
         teacher_clip_sample: "auto", "on" or "off": whether the ORIGINAL teacher's x-hat is clamped
             (`clipping.teacher_clip_range`): its classifier-free-guided x-hat after the combination in stage one's
             targets, its reference samples and DDIM baselines (`GuidedDenoiser`), its DDIM steps in a first halving
@@ -142,6 +143,8 @@ class GuidedDistillation(DistillationMethod):
         # the halved students' parameterizations: the rule of progressive distillation (stage one keeps the teacher's,
         # except where eps breaks at t = T: then the plan's first, v for auto)
         breaks = epsilon_breaks_at_first_step(self.teacher_config)
+        if switch_steps is None and prediction_type == "auto" and not breaks:
+            switch_steps = GUIDED_EPSILON_SWITCH_STEPS  # eps teachers: v from 2 steps (measured; v/x teachers: no switch)
         self.plan = stage_plan(stage_steps=self.halvings, teacher_prediction_type=self.config["prediction_type"],
                                prediction_type=prediction_type, switch_steps=switch_steps,
                                epsilon_breaks_at_first_step=breaks)

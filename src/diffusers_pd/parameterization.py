@@ -148,6 +148,11 @@ def loss_weight(*, alpha, sigma, weighting: str):
 
 # Students of an epsilon teacher keep epsilon while they take more than this many steps (see `stage_plan`).
 EPSILON_SWITCH_STEPS = 4
+# The same for guided distillation's halvings (`guided.GuidedDistillation`): measured on the latent text-to-image
+# teacher of benchmarks/results/text-to-image-fashion/ (scaled_linear eps, start 8 steps, 1000 updates a stage), a
+# switch at 4 left the 4-step student at 0.038 from the teacher's guided reference (3.8x its own 4-step DDIM) and a
+# switch at 2 at 0.0066 (0.65x), with the 2- and 1-step students no worse (0.0396 / 0.0420 vs 0.0405 / 0.0441).
+GUIDED_EPSILON_SWITCH_STEPS = 2
 
 
 def student_loss_weighting(*, prediction_type: str, loss_weighting: str = "auto") -> str:
