@@ -153,7 +153,9 @@ def main(argv=None) -> None:
         if a is None or b is None:
             return f"| {what} | not evaluated | <= {bound} | - |"
         return f"| {what} | {a / b:.3f} ({a:.2f} / {b:.2f}) | <= {bound} | {'yes' if a / b <= bound else 'no'} |"
-    def wall_time_target(what, a, b, args):
+
+    def wall_time_target(what, a, b):
+        """`target` where SFD and PD trained on one machine; two machines' wall times are not compared."""
         if args.sfd_machine != args.pd_machine:
             return (f"| {what} | not compared: SFD trained on {args.sfd_machine or 'an unnamed machine'}, PD on "
                     f"{args.pd_machine or 'an unnamed machine'} | <= {COST_BOUND} | - |")
@@ -168,7 +170,7 @@ def main(argv=None) -> None:
                      SFD_V_TOLERANCE),
               target(f"second stage 1 NFE ({args.sfd_v}) / PD 1 step (FID)", get(f"SFD {args.sfd_v}", 1), get("PD", 1), 1.0),
               target(f"{set_name} / PD 64 -> 1 (forward-pass units)", set_units, pd_units, COST_BOUND),
-              wall_time_target(f"{set_name} / PD 64 -> 1 (wall time, s)", set_time, pd_time, args)]
+              wall_time_target(f"{set_name} / PD 64 -> 1 (wall time, s)", set_time, pd_time)]
     os.makedirs(args.output, exist_ok=True)
     atomic_write_text(os.path.join(args.output, "sfd_results.md"), "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(args.output, "cost.json"), json.dumps(

@@ -26,7 +26,7 @@ from .grids import student_grid
 from .guidance import check_guidance_range
 from .guided_distillation import GuidedDistillationLoss, draw_guided_batch, uniform_guidance_scales
 from .loss import ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
-from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage, stage_budgets
+from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage, halving_name, stage_budgets
 from .pipeline import evaluating
 from .parameterization import GUIDED_EPSILON_SWITCH_STEPS, stage_plan
 from .progressive import stage_steps
@@ -160,14 +160,9 @@ class GuidedDistillation(DistillationMethod):
     def stages(self) -> List[Stage]:
         first = [Stage(0, f"guided: s in [{self.guidance_scale_min}, {self.guidance_scale_max}]", self.guidance_iterations,
                        (self.start_steps,))] if self.guided_stage else []
-        return first + [Stage(len(first) + i, self.halving_name(i), self.budgets[i], (n,)) for i, n in enumerate(self.halvings)]
-
-    def halving_name(self, index: int) -> str:
-        """'8 -> 4', or '8 -> 4 (v_prediction)' for a student predicting other than the original teacher (a resume
-        with another parameterization plan is then refused as one with other stages)."""
-        entry = self.plan[index]
-        name = f"{2 * entry['steps']} -> {entry['steps']}"
-        return name if entry["prediction_type"] == self.teacher_config["prediction_type"] else f"{name} ({entry['prediction_type']})"
+        teacher_type = self.teacher_config["prediction_type"]
+        return first + [Stage(len(first) + i, halving_name(entry["steps"], entry["prediction_type"], teacher_type),
+                              self.budgets[i], (entry["steps"],)) for i, entry in enumerate(self.plan)]
 
     def resume_teacher(self, teacher, stage_index: int):
         """The architecture of stage `stage_index`'s teacher: after stage one, the guidance-conditioned student's."""

@@ -51,6 +51,13 @@ def stage_budgets(iterations, num_stages: int, flag: str = "--iterations_per_sta
     return values + [values[-1]] * (num_stages - len(values))
 
 
+def halving_name(steps: int, prediction_type: str, teacher_prediction_type: str) -> str:
+    """'2N -> N', with ' (P)' where the N-step student predicts P other than the original teacher (so a resume with
+    another parameterization plan is refused as one with other stages)."""
+    name = f"{2 * steps} -> {steps}"
+    return name if prediction_type == teacher_prediction_type else f"{name} ({prediction_type})"
+
+
 @dataclass(frozen=True)
 class LoopContext:
     """What a method needs to know of the loop: where it runs and how the global batch is split."""

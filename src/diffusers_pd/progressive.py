@@ -14,7 +14,7 @@ import torch
 
 from .clipping import clip_card_row, clipped_teacher, epsilon_breaks_at_first_step, teacher_clip_range
 from .loss import ParameterizationConversionLoss, ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
-from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage, stage_budgets
+from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage, halving_name, stage_budgets
 from .parameterization import stage_plan, student_learning_rate, student_loss_weighting
 from .pipeline import ddim_samples
 from .scheduler import ProgressiveDistillationScheduler
@@ -117,8 +117,7 @@ class ProgressiveDistillation(DistillationMethod):
         entry, before = self.plan[index], self.plan[index - 1]["prediction_type"] if index else self.teacher_prediction_type
         if entry["conversion"]:
             return f"{entry['steps']}: {before} -> {entry['prediction_type']}"
-        name = f"{2 * entry['steps']} -> {entry['steps']}"
-        return name if entry["prediction_type"] == self.teacher_config["prediction_type"] else f"{name} ({entry['prediction_type']})"
+        return halving_name(entry["steps"], entry["prediction_type"], self.teacher_config["prediction_type"])
 
     def init_student(self, teacher, stage: Stage):
         """The student starts as an exact copy of the teacher (as in the paper)."""
