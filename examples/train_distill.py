@@ -179,7 +179,6 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from diffusers_pd import ProgressiveDistillationScheduler, checkpoints, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_text  # noqa: E402
-from diffusers_pd.clipping import clip_card_row  # noqa: E402
 from diffusers_pd.data import load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.guidance import check_foldable_range, check_guidance_range  # noqa: E402
 from diffusers_pd.conditioning import ClassConditioning, TextConditioning  # noqa: E402
@@ -496,15 +495,10 @@ def distill(args, argv) -> dict:
     checkpoint = checkpoints.find_checkpoint(output_dir, args.resume_from_checkpoint)
     if checkpoint is not None:
         progress = checkpoints.read_progress(checkpoint)
-        if progress.get("stages") != stage_names:
-            sys.exit(f"error: {checkpoint} was made for stages {progress.get('stages')}, these arguments give {stage_names}.")
-        if progress.get("budgets", budgets) != budgets:  # checkpoints from before budgets were saved: not checked
-            sys.exit(f"error: {checkpoint} was made with {progress['budgets']} iterations per stage, these arguments give "
-                     f"{budgets}: pass the run's --iterations_per_stage / --num_trajectories again.")
-        clip_range = method.state().get("teacher_clip_range")
-        if progress.get("teacher_clip_range", clip_range) != clip_range:  # the original teacher's targets and references
-            sys.exit(f"error: {checkpoint} was made with the teacher's x-hat {clip_card_row(progress['teacher_clip_range'])}, "
-                     f"these arguments give {clip_card_row(clip_range)}: pass the run's --teacher_clip_sample again.")
+        try:
+            checkpoints.check_resumable(checkpoint, progress, stage_names, budgets, method.state())
+        except ValueError as error:
+            sys.exit(f"error: {error}")
         teacher = method.resume_teacher(teacher, progress["stage"])
         checkpoints.load_checkpoint(accelerator, checkpoint, {"teacher": teacher})
         method.load_state(progress)

@@ -250,3 +250,14 @@ def test_guided_halvings_switch_parameterization_where_parameterization_switch_s
     assert names(early)[1:] == ["16 -> 8", "8 -> 4 (v_prediction)", "4 -> 2 (v_prediction)"]
     assert default.guided_prediction_type == early.guided_prediction_type == "epsilon"
     assert [e["prediction_type"] for e in method(prediction_type="v_prediction").plan] == ["v_prediction"] * 3  # at once
+    # a checkpoint keeps the current teacher's prediction type (after the switch: v) under progressive's key; a resumed
+    # run restores it, also from checkpoints that named it guided_prediction_type
+    default.config = {**default.config, "prediction_type": "v_prediction"}
+    assert default.state()["teacher_prediction_type"] == "v_prediction"
+    for state in (default.state(), {"guided_prediction_type": "v_prediction"}):
+        resumed = method()
+        resumed.load_state(state)
+        assert resumed.config["prediction_type"] == "v_prediction"
+    untouched = method()
+    untouched.load_state({})
+    assert untouched.config["prediction_type"] == "epsilon"

@@ -119,6 +119,24 @@ def read_progress(checkpoint: Path) -> Dict[str, Any]:
     return json.loads((Path(checkpoint) / "progress.json").read_text())
 
 
+def check_resumable(checkpoint, progress: Dict[str, Any], stages: List[str], budgets: List[int],
+                    state: Dict[str, Any]) -> None:
+    """Refuse (ValueError naming the flag to pass again) a checkpoint made by another run: other stages, other budgets
+    per stage or another clamp of the original teacher's x-hat (`state`'s `teacher_clip_range`) than these arguments
+    give. A key the checkpoint predates is not checked."""
+    from .clipping import clip_card_row
+
+    if progress.get("stages") != stages:
+        raise ValueError(f"{checkpoint} was made for stages {progress.get('stages')}, these arguments give {stages}.")
+    if progress.get("budgets", budgets) != budgets:
+        raise ValueError(f"{checkpoint} was made with {progress['budgets']} iterations per stage, these arguments give "
+                         f"{budgets}: pass the run's --iterations_per_stage / --num_trajectories again.")
+    clip_range = state.get("teacher_clip_range")
+    if progress.get("teacher_clip_range", clip_range) != clip_range:  # the original teacher's targets and references
+        raise ValueError(f"{checkpoint} was made with the teacher's x-hat {clip_card_row(progress['teacher_clip_range'])}, "
+                         f"these arguments give {clip_card_row(clip_range)}: pass the run's --teacher_clip_sample again.")
+
+
 def load_checkpoint(
     accelerator,
     checkpoint: Path,

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .clipping import clip_card_row, clipped_teacher, epsilon_breaks_at_first_step, teacher_clip_range
+from .clipping import clip_card_row, epsilon_breaks_at_first_step, teacher_clip_range
 from .denoiser import Denoiser, GuidedDenoiser
 from .grids import student_grid
 from .guidance import check_guidance_range
@@ -201,10 +201,6 @@ class GuidedDistillation(DistillationMethod):
                        guidance_scale=self.validation_scale, student=student,
                        clip_range=None if student else self.teacher_clip_range)
 
-    def clipped(self, teacher):
-        """The original teacher as a first halving's DDIM steps see it: x-hat clamped where `teacher_clip_range` says so."""
-        return clipped_teacher(teacher, self.teacher_config, self.teacher_clip_range)
-
     def finish_stage(self, stage: Stage, student) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
         """The student becomes the next teacher; it is saved at its stage's step count."""
         num_steps = stage.steps[0]
@@ -241,7 +237,10 @@ class GuidedDistillation(DistillationMethod):
         return self.sampler_for(self.teacher_config, nfe, student=False)
 
     def state(self) -> Dict[str, Any]:
-        return {"guided_prediction_type": self.config["prediction_type"], "teacher_clip_range": self.teacher_clip_range}
+        """The current teacher's prediction type (the last finished student's; as progressive distillation keeps it)."""
+        return {"teacher_prediction_type": self.config["prediction_type"], "teacher_clip_range": self.teacher_clip_range}
 
     def load_state(self, state: Dict[str, Any]) -> None:
-        self.config = {**self.config, "prediction_type": state.get("guided_prediction_type", self.config["prediction_type"])}
+        # checkpoints written before 2026-11-26 name the key guided_prediction_type
+        prediction_type = state.get("teacher_prediction_type", state.get("guided_prediction_type"))
+        self.config = {**self.config, "prediction_type": prediction_type or self.config["prediction_type"]}

@@ -16,6 +16,7 @@ A method supplies only what differs, through the small interface below:
 | `batch(stage, iteration, teacher, ctx)`       | a `Batch`: `num_updates` and `loss(student, update, micro)`      |
 | `finish_stage(stage, student)`                | (next teacher, [`FinishedStudent`, ...] to save)                 |
 | `resume_teacher(teacher, stage_index)`        | the teacher's architecture at that stage (to load a checkpoint)  |
+| `clipped(teacher)`                            | the original teacher with its x-hat clamped as its steps see it  |
 | `decode(samples)`                             | images of sampled latents (sample grids)                         |
 | `reference_sampler()`, `teacher_baseline(n)`  | samplers `(unet, latents) -> samples` for the fidelity columns   |
 | `state()`, `load_state(state)`                | what a checkpoint keeps beyond the weights                       |
@@ -29,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from .clipping import clipped_teacher
 
 @dataclass(frozen=True)
 class Stage:
@@ -144,6 +146,8 @@ class DistillationMethod:
     name: str = ""
     budget_flag: str = ""  # the flag that gives a stage more training (named in the worse-than-DDIM warning)
     unit: str = "images"  # what one iteration's global batch holds (progress bars and logs count them)
+    teacher_config: Dict[str, Any]  # the ORIGINAL teacher's scheduler config
+    teacher_clip_range: Optional[float] = None  # its x-hat's clamp (`clipping.teacher_clip_range`; None: unclipped)
 
     def title(self, teacher: str) -> str:
         """The summary's heading line."""
@@ -174,6 +178,10 @@ class DistillationMethod:
 
     def finish_stage(self, stage: Stage, student: torch.nn.Module) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
         raise NotImplementedError
+
+    def clipped(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        """The original teacher as its sampling steps see it: x-hat clamped where `teacher_clip_range` says so."""
+        return clipped_teacher(teacher, self.teacher_config, self.teacher_clip_range)
 
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] of a sampler's output (default: the samples are images; latent models decode)."""

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .clipping import clip_card_row, clipped_teacher, epsilon_breaks_at_first_step, teacher_clip_range
+from .clipping import clip_card_row, epsilon_breaks_at_first_step, teacher_clip_range
 from .loss import ParameterizationConversionLoss, ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage, halving_name, stage_budgets
 from .parameterization import stage_plan, student_learning_rate, student_loss_weighting
@@ -167,10 +167,6 @@ class ProgressiveDistillation(DistillationMethod):
                 "learning rate": f"{entry['learning_rate']:.4g} (linear decay to 0 per stage)",
                 "loss weighting": entry["loss_weighting"],
                 "teacher x-hat": clip_card_row(self.teacher_clip_range)}
-
-    def clipped(self, teacher):
-        """The original teacher as its DDIM steps see it: x-hat clamped where `teacher_clip_range` says so."""
-        return clipped_teacher(teacher, self.teacher_config, self.teacher_clip_range)
 
     def reference_sampler(self):
         """The original teacher's DDIM at `start_steps`: what every stage distils."""

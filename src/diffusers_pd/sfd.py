@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .clipping import EPSILON_MIN_ALPHA, clip_card_row, clipped_teacher, teacher_clip_range
+from .clipping import EPSILON_MIN_ALPHA, clip_card_row, teacher_clip_range
 from .denoiser import Denoiser, GuidedDenoiser
 from .grids import Grid, nested_indices, student_grid, teacher_grid
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage
@@ -307,7 +307,7 @@ class SimpleFastDistillation(DistillationMethod):
                  grid: str = "auto", learning_rate: float = 5e-5, second_stage: bool = False,
                  second_stage_iterations: Optional[int] = None, second_stage_learning_rate: float = 5e-4, conditioning=None,
                  teacher_clip_sample: str = "auto"):
-        self.config = dict(scheduler_config)
+        self.config = self.teacher_config = dict(scheduler_config)  # every stage's teacher shares its schedule
         self.teacher_clip_range = teacher_clip_range(self.config, teacher_clip_sample)
         self.sample_shape = tuple(sample_shape)
         self.conditioning = conditioning
@@ -367,10 +367,6 @@ class SimpleFastDistillation(DistillationMethod):
         if stage.index == 0 and self.conditioned:
             return add_step_embedding(teacher, max(self.nfes)).train().requires_grad_(True)
         return copy.deepcopy(teacher).train().requires_grad_(True)
-
-    def clipped(self, teacher):
-        """The original teacher as its solver sees it: x-hat clamped where `teacher_clip_range` says so."""
-        return clipped_teacher(teacher, self.config, self.teacher_clip_range)
 
     def denoiser(self, unet) -> Denoiser:
         """D(z, t, cond) of a teacher or student (all share the teacher's schedule and prediction_type)."""
