@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # SFD vs progressive distillation on the committed Fashion-MNIST benchmark teacher (issue 11's benchmark): separate
-# SFD students at 4 and 2 NFE (the library's defaults, and trailing without AFS), SFD-v (one student for 2-5 NFE)
+# SFD students at 4 and 2 NFE (the library's defaults), at 2, 3, 4 and 5 NFE trailing without AFS (SFD-v's setting,
+# each SFD-v step count against a separate student of its setting and budget), SFD-v (one student for 2-5 NFE)
 # with its 1-NFE second stage, and the 4-NFE student at the paper's learning rate; fidelity to the teacher; FID
 # with the PD benchmark's protocol (5,000 samples per row, seed 0, the 10k test split), each AFS student both with
 # the project's sampler (paper NFE) and its stock diffusers scheduler (NFE + 1).
@@ -36,14 +37,16 @@ sfd() {  # sfd OUTPUT_DIR FLAGS...: one SFD run, skipped once finished (later fl
 # 1. the SFD runs (each run's summary.json has its wall time per stage): the 4- and 2-NFE students on the lu grid
 #    with AFS, K = 4 (FID-best at 4 NFE, --grid auto there); the same on the trailing grid without AFS and K = 8 (the
 #    alternative for this teacher, whose t = 1023 sits at sigma 22,026: AFS on trailing starts far from it, README);
-#    SFD-v 2-5 with its second stage (measured on the trailing setting only); the lu 4-NFE student at the paper's
-#    learning rate. STOP_AFTER=training stops here.
+#    SFD-v 2-5 with its second stage (measured on the trailing setting only) and the separate 3- and 5-NFE students
+#    of its setting; the lu 4-NFE student at the paper's learning rate. STOP_AFTER=training stops here.
 TRAILING=(--grid trailing --no-afs --teacher_steps_per_step 8)
 sfd sfd-4 --nfe 4 --grid lu  # = --grid auto at 4 NFE
 sfd sfd-2 --nfe 2 --grid lu  # lu at 2 NFE: the measurement behind --grid auto's trailing below 4 NFE
 sfd sfd-v --nfe 2 3 4 5 "${TRAILING[@]}" --second_stage --second_stage_trajectories $((SECOND_ITERS * BATCH))
 sfd sfd-4-trailing-k8 --nfe 4 "${TRAILING[@]}"
 sfd sfd-2-trailing-k8 --nfe 2 "${TRAILING[@]}"
+sfd sfd-3-trailing-k8 --nfe 3 "${TRAILING[@]}"
+sfd sfd-5-trailing-k8 --nfe 5 "${TRAILING[@]}"
 sfd sfd-4-lr5e-5 --nfe 4 --grid lu --learning_rate 5e-5
 [ "${STOP_AFTER:-}" != training ] || exit 0
 
@@ -58,7 +61,8 @@ common=(--teacher "$TEACHER" --dataset_name fashion_mnist --split test --nfe 1 2
         --teacher_steps 64 --num_samples "$SAMPLES" --batch_size 250 --seed 0 --output_dir "$RUN/eval")
 python benchmarks/reuse_rows.py --from "$PD_RESULTS" -- "${common[@]}"
 students=("$RUN"/sfd-4/student-4steps "$RUN"/sfd-2/student-2steps "$RUN"/sfd-v/student-{1,4,2,3,5}steps
-          "$RUN"/sfd-4-trailing-k8/student-4steps "$RUN"/sfd-2-trailing-k8/student-2steps "$RUN"/sfd-4-lr5e-5/student-4steps)
+          "$RUN"/sfd-4-trailing-k8/student-4steps "$RUN"/sfd-2-trailing-k8/student-2steps "$RUN"/sfd-4-lr5e-5/student-4steps
+          "$RUN"/sfd-3-trailing-k8/student-3steps "$RUN"/sfd-5-trailing-k8/student-5steps)
 python examples/evaluate.py "${common[@]}" --students "${students[@]}"  # rows in this order, each kept when done
 
 # 4. the side-by-side table, wall times and forward-pass costs against PD and the teacher, the targets, the plots

@@ -7,7 +7,9 @@
 
 Reads `<sfd_run>/eval/results.json` (examples/evaluate.py), each SFD run's `summary.json` and its students'
 metadata. Columns are the runs (folders of --sfd_run); the targets read the runs named by --sfd4, --sfd2 and --sfd_v
-(its 1-NFE student is the second stage), and the cost target counts those three runs. Cost in forward-pass units
+(its 1-NFE student is the second stage), and the cost target counts those three runs. SFD-v is held, at each of its
+NFEs, against the separate student of its own setting (grid, AFS, K, solver, loss) and budget (trajectories) found
+among the runs, by FID and by fidelity. Cost in forward-pass units
 per trajectory (a forward + backward counts 3, as benchmarks/distillation_cost.py):
 stage one K x (NFE + AFS) teacher forwards + 3 x NFE student updates; the second stage NFE_top forwards of the
 stage-one student + 3. Writes sfd_results.md, cost.json, fid_vs_nfe_sfd.png and fid_vs_cost.png to --output. The wall-time target is
@@ -27,6 +29,7 @@ from diffusers_pd.scheduler import METADATA_KEY  # noqa: E402
 
 COST_BOUND = 0.25   # all SFD runs together over PD's whole run (START -> 1)
 SFD_V_TOLERANCE = 1.05
+SETTING_KEYS = ("grid", "afs", "teacher_steps_per_step", "teacher_solver", "loss")  # what makes two SFD runs alike
 
 
 def student_info(path: str) -> dict:
@@ -70,6 +73,28 @@ def run_cost(run_dir: str) -> list:
                            updates=stage["updates"], forward_units=forwards, mse_to_teacher=stage["mse_to_teacher"],
                            teacher_ddim_mse=stage["teacher_ddim_mse"]))
     return stages
+
+
+def stage_one(run_dir: str) -> tuple:
+    """(metadata of an SFD run's stage-one student, its stage-one trajectories), from the run's summary.json."""
+    with open(os.path.join(run_dir, "summary.json")) as handle:
+        first = json.load(handle)[0]
+    return student_info(os.path.join(run_dir, first["student"])), first["iterations"] * first["global_batch"]
+
+
+def separate_students(sfd_run: str, runs: list, sfd_v: str) -> dict:
+    """NFE -> the run (first by name) of a separate one-NFE student trained as SFD-v was: same setting, same budget."""
+    def key(run):
+        info, trajectories = stage_one(os.path.join(sfd_run, run))
+        return tuple(info.get(k) for k in SETTING_KEYS), trajectories, info
+
+    setting, budget, _ = key(sfd_v)
+    found = {}
+    for run in runs:
+        other_setting, other_budget, info = key(run)
+        if not info.get("sfd_v") and (other_setting, other_budget) == (setting, budget):
+            found.setdefault(info["nfe"], run)
+    return found
 
 
 def fmt(value, spec=".2f") -> str:
@@ -138,7 +163,10 @@ def main(argv=None) -> None:
 
     # 3. fidelity on PD's yardstick (benchmarks/sfd_fidelity.py): distance to the teacher's 64-step DDIM samples
     fidelity_path = os.path.join(args.sfd_run, "fidelity.json")
+    fidelity = {}  # (run, NFE) -> mse to the teacher's 64-step DDIM
     if os.path.isfile(fidelity_path):
+        for r in load(fidelity_path)["rows"]:
+            fidelity[(os.path.basename(os.path.dirname(r["student"].rstrip("/"))), r["nfe"])] = r["mse_to_teacher"]
         pd_mse = {s["steps"]: s["mse_to_teacher"] for s in pd_stages}
         lines += ["", "| student | NFE | AFS | K | mse to teacher 64-step DDIM | PD student, same NFE | teacher DDIM, same NFE |",
                   "|---|---:|---|---:|---:|---:|---:|"]
@@ -149,10 +177,10 @@ def main(argv=None) -> None:
                          f"{fmt(pd_mse.get(r['nfe']), '.4g')} | {r['teacher_ddim_mse']:.4g} |")
 
     # 4. the targets
-    def target(what, a, b, bound):
+    def target(what, a, b, bound, spec=".2f"):
         if a is None or b is None:
             return f"| {what} | not evaluated | <= {bound} | - |"
-        return f"| {what} | {a / b:.3f} ({a:.2f} / {b:.2f}) | <= {bound} | {'yes' if a / b <= bound else 'no'} |"
+        return f"| {what} | {a / b:.3f} ({a:{spec}} / {b:{spec}}) | <= {bound} | {'yes' if a / b <= bound else 'no'} |"
 
     def wall_time_target(what, a, b):
         """`target` where SFD and PD trained on one machine; two machines' wall times are not compared."""
@@ -161,13 +189,26 @@ def main(argv=None) -> None:
                     f"{args.pd_machine or 'an unnamed machine'} | <= {COST_BOUND} | - |")
         return target(what, a, b, COST_BOUND)
     get = lambda c, n: fid.get(c, {}).get(n)  # noqa: E731
+
+    def sfd_v_targets():
+        """SFD-v at each NFE against the separate student of its own setting and budget: FID, then fidelity."""
+        if args.sfd_v not in costs:
+            return []
+        separate = separate_students(args.sfd_run, runs, args.sfd_v)
+        rows = []
+        for n in sorted(stage_one(os.path.join(args.sfd_run, args.sfd_v))[0].get("sfd_v") or []):
+            name = f"SFD-v {n} NFE ({args.sfd_v}) / {separate.get(n, f'separate {n}-NFE student')}"
+            if n not in separate:
+                rows.append(f"| {name} | no separate student of its setting and budget | <= {SFD_V_TOLERANCE} | - |")
+                continue
+            rows.append(target(f"{name} (FID)", get(f"SFD {args.sfd_v}", n), get(f"SFD {separate[n]}", n), SFD_V_TOLERANCE))
+            rows.append(target(f"{name} (fidelity, mse)", fidelity.get((args.sfd_v, n)), fidelity.get((separate[n], n)),
+                               SFD_V_TOLERANCE, spec=".4g"))
+        return rows
     lines += ["", "| target | measured | bound | met |", "|---|---|---|---|",
               target(f"SFD 4 NFE ({args.sfd4}) / PD 4 steps (FID)", get(f"SFD {args.sfd4}", 4), get("PD", 4), 1.0),
               target(f"SFD 2 NFE ({args.sfd2}) / PD 2 steps (FID)", get(f"SFD {args.sfd2}", 2), get("PD", 2), 1.0),
-              target(f"SFD-v 4 NFE ({args.sfd_v}) / SFD 4 NFE (FID)", get(f"SFD {args.sfd_v}", 4), get(f"SFD {args.sfd4}", 4),
-                     SFD_V_TOLERANCE),
-              target(f"SFD-v 2 NFE ({args.sfd_v}) / SFD 2 NFE (FID)", get(f"SFD {args.sfd_v}", 2), get(f"SFD {args.sfd2}", 2),
-                     SFD_V_TOLERANCE),
+              *sfd_v_targets(),
               target(f"second stage 1 NFE ({args.sfd_v}) / PD 1 step (FID)", get(f"SFD {args.sfd_v}", 1), get("PD", 1), 1.0),
               target(f"{set_name} / PD 64 -> 1 (forward-pass units)", set_units, pd_units, COST_BOUND),
               wall_time_target(f"{set_name} / PD 64 -> 1 (wall time, s)", set_time, pd_time)]

@@ -97,6 +97,7 @@ from diffusers_pd.export import card_front_matter, ddim_scheduler, ddpm_schedule
 from diffusers_pd.loading import public_name  # noqa: E402
 from diffusers_pd.loss import DiffusionLoss, RawOutput, draw_noise_and_grid_indices  # noqa: E402
 from diffusers_pd.pipeline import sample_grid  # noqa: E402
+from diffusers_pd.schedules import LOGSNR_MAX, LOGSNR_MIN  # noqa: E402
 
 logger = get_logger(__name__)
 
@@ -327,7 +328,7 @@ def grid_model(unet, scheduler_config):
 def save_teacher(folder: Path, unet, scheduler_config, files: dict) -> None:
     """Write the teacher as a stock DDPMPipeline folder (`stock_scheduler`) with `files`, atomically."""
     if scheduler_config.get("trained_betas") is not None:
-        metadata = {"method": "teacher", "schedule": "cosine_logsnr", "logsnr_min": -20.0, "logsnr_max": 20.0}
+        metadata = {"method": "teacher", "schedule": "cosine_logsnr", "logsnr_min": LOGSNR_MIN, "logsnr_max": LOGSNR_MAX}
     else:
         metadata = {"method": "teacher", "schedule": scheduler_config["beta_schedule"]}
     stock = stock_scheduler(scheduler_config)

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+LOGSNR_MIN, LOGSNR_MAX = -20.0, 20.0  # the paper's clipping of the cosine log-SNR schedule
 
 
-def cosine_logsnr(t, *, logsnr_min: float = -20.0, logsnr_max: float = 20.0):
+def cosine_logsnr(t, *, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX):
     """lambda(t) = -2 log(tan(a t + b)), the cosine schedule with lambda(0) = logsnr_max, lambda(1) = logsnr_min."""
     t = torch.as_tensor(t, dtype=torch.float64)
     b = math.atan(math.exp(-0.5 * logsnr_max))
@@ -41,7 +42,7 @@ def betas_from_alphas_cumprod(alphas_cumprod) -> torch.Tensor:
 
 
 def cosine_trained_betas(
-    num_train_timesteps: int = 1024, *, logsnr_min: float = -20.0, logsnr_max: float = 20.0
+    num_train_timesteps: int = 1024, *, logsnr_min: float = LOGSNR_MIN, logsnr_max: float = LOGSNR_MAX
 ) -> List[float]:
     """`trained_betas` whose table is abar_i = sigmoid(lambda((i + 1) / T)) of the cosine log-SNR schedule."""
     t = torch.arange(1, num_train_timesteps + 1, dtype=torch.float64) / num_train_timesteps
