@@ -517,7 +517,7 @@ def distill(args, argv) -> dict:
         added = set(dict(student.named_parameters())) - set(dict(teacher.named_parameters()))  # new at this stage
         if args.lora_rank:  # adapters on the attention projections; layers the method added train whole
             student = add_lora(student, args.lora_rank, alpha=args.lora_alpha, trainable=added)
-        teacher.to(launch.weight_dtype(accelerator.mixed_precision))  # frozen; the student keeps fp32 master weights
+        launch.cast_frozen(teacher, launch.weight_dtype(accelerator.mixed_precision))  # frozen; the student keeps fp32 master weights
         if args.gradient_checkpointing:
             student.enable_gradient_checkpointing()
         # a layer new at this stage (the guided stage's zero-initialised guidance embedding) learns from scratch: its own lr

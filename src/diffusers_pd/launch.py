@@ -78,6 +78,16 @@ def weight_dtype(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def cast_frozen(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a frozen model's weights to `dtype` in place; a no-op when they already are.
+
+    Through `torch.nn.Module.to`: diffusers 0.42's `ModelMixin.to` warns about float32 modules on every dtype cast, also
+    for models that keep none (`_keep_in_fp32_modules = []`), once per stage of every run."""
+    if any(parameter.dtype != dtype for parameter in model.parameters()):
+        torch.nn.Module.to(model, dtype)
+    return model
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak-memory window on a CUDA device (on CPU the process's peak RSS cannot be reset)."""
     if device.type == "cuda":
