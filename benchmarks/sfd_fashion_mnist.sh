@@ -38,7 +38,8 @@ sfd() {  # sfd OUTPUT_DIR FLAGS...: one SFD run, skipped once finished (later fl
 #    with AFS, K = 4 (FID-best at 4 NFE, --grid auto there); the same on the trailing grid without AFS and K = 8 (the
 #    alternative for this teacher, whose t = 1023 sits at sigma 22,026: AFS on trailing starts far from it, README);
 #    SFD-v 2-5 with its second stage (measured on the trailing setting only) and the separate 3- and 5-NFE students
-#    of its setting; the lu 4-NFE student at the paper's learning rate. STOP_AFTER=training stops here.
+#    of its setting; the lu 4-NFE student at the paper's learning rate; the 2-NFE student at K = 32 (--grid auto's
+#    setting below 4 NFE since the third H100 round, results/fashion-mnist-sfd/h100-k32/). STOP_AFTER=training stops here.
 TRAILING=(--grid trailing --no-afs --teacher_steps_per_step 8)
 sfd sfd-4 --nfe 4 --grid lu  # = --grid auto at 4 NFE
 sfd sfd-2 --nfe 2 --grid lu  # lu at 2 NFE: the measurement behind --grid auto's trailing below 4 NFE
@@ -48,6 +49,7 @@ sfd sfd-2-trailing-k8 --nfe 2 "${TRAILING[@]}"
 sfd sfd-3-trailing-k8 --nfe 3 "${TRAILING[@]}"
 sfd sfd-5-trailing-k8 --nfe 5 "${TRAILING[@]}"
 sfd sfd-4-lr5e-5 --nfe 4 --grid lu --learning_rate 5e-5
+sfd sfd-2-trailing-k32 --nfe 2 --grid trailing --no-afs --teacher_steps_per_step 32  # = --grid auto at 2 NFE
 [ "${STOP_AFTER:-}" != training ] || exit 0
 
 # 2. fidelity on PD's yardstick (no FID, minutes): distance to the teacher's 64-step DDIM on PD's validation noise;
@@ -62,7 +64,8 @@ common=(--teacher "$TEACHER" --dataset_name fashion_mnist --split test --nfe 1 2
 python benchmarks/reuse_rows.py --from "$PD_RESULTS" -- "${common[@]}"
 students=("$RUN"/sfd-4/student-4steps "$RUN"/sfd-2/student-2steps "$RUN"/sfd-v/student-{1,4,2,3,5}steps
           "$RUN"/sfd-4-trailing-k8/student-4steps "$RUN"/sfd-2-trailing-k8/student-2steps "$RUN"/sfd-4-lr5e-5/student-4steps
-          "$RUN"/sfd-3-trailing-k8/student-3steps "$RUN"/sfd-5-trailing-k8/student-5steps)
+          "$RUN"/sfd-3-trailing-k8/student-3steps "$RUN"/sfd-5-trailing-k8/student-5steps
+          "$RUN"/sfd-2-trailing-k32/student-2steps)
 python examples/evaluate.py "${common[@]}" --students "${students[@]}"  # rows in this order, each kept when done
 
 # 4. the side-by-side table, wall times and forward-pass costs against PD and the teacher, the targets, the plots

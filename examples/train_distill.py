@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="Budget: teacher trajectories drawn in all (each iteration a global batch of them).")
     group.add_argument("--grid", type=str, default="auto", choices=["auto", "trailing", "karras", "lu", "sfd"],
                        help="Student grid: auto picks the measured best for the smallest --nfe (from 4 NFE: lu with AFS "
-                       "and K = 4; below: trailing without AFS, K = 8); lu (uniform log-SNR) / karras / trailing sample "
+                       "and K = 4; below: trailing without AFS, K = 32); lu (uniform log-SNR) / karras / trailing sample "
                        "exactly in stock diffusers; sfd is the paper's (sampled by diffusers_pd only).")
     group.add_argument("--second_stage", action="store_true",
                        help="Then distil the largest-NFE student into a 1-NFE student (its own sampler as the teacher).")

@@ -159,8 +159,8 @@ def test_auto_grid_takes_lu_from_4_nfe_and_trailing_without_afs_below_where_lus_
     setting = lambda method: (method.grid_kind, method.afs, method.teacher_steps_per_step)  # noqa: E731
     auto = lambda nfes, **kw: SimpleFastDistillation(config, (1, 8, 8), nfes=nfes, iterations=1, **kw)  # noqa: E731
     assert setting(auto([4])) == setting(auto([4, 5])) == ("lu", True, 4)
-    assert setting(auto([2])) == setting(auto([3])) == setting(auto([2, 3, 4, 5])) == ("trailing", False, 8)
-    assert setting(auto([1])) == ("trailing", False, 8)  # AFS would leave a 1-NFE student no call
+    assert setting(auto([2])) == setting(auto([3])) == setting(auto([2, 3, 4, 5])) == ("trailing", False, 32)
+    assert setting(auto([1])) == ("trailing", False, 32)  # AFS would leave a 1-NFE student no call
     # given flags win; an explicit grid keeps the paper's AFS and K = 4
     assert setting(auto([4], afs=False, teacher_steps_per_step=2)) == ("lu", False, 2)
     assert setting(auto([2], grid="lu")) == ("lu", True, 4)
