@@ -92,7 +92,7 @@ def test_sfd_clips_the_teachers_solver_and_refuses_an_eps_student_whose_first_ca
         SimpleFastDistillation(config, shape, nfes=[2], iterations=1, afs=False, grid="trailing")
     SimpleFastDistillation(config, shape, nfes=[2], iterations=1, afs=False, grid="sfd")  # starts at sigma 80
     auto = SimpleFastDistillation(config, shape, nfes=[2], iterations=1)  # --grid auto keeps AFS for such a teacher
-    assert (auto.grid_kind, auto.afs, auto.teacher_steps_per_step) == ("trailing", True, 8)
+    assert (auto.grid_kind, auto.afs, auto.teacher_steps_per_step) == ("trailing", True, 32)  # K = 32 below 4 NFE (sfd.AUTO_SETTINGS)
     SimpleFastDistillation(ddpm_config("linear"), shape, nfes=[2], iterations=1, afs=False)  # not clipped: as before
 
 
