@@ -306,11 +306,25 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def scheduler_key(scheduler) -> dict:
+    """A scheduler's class and public config as JSON; private keys (`_use_default_values`, a set whose order changes
+    with every process's hash seed) are left out, so a finished row matches in the next process too."""
+    config = {name: value for name, value in scheduler.config.items() if not name.startswith("_")}
+    return json.loads(json.dumps({type(scheduler).__name__: config}, default=str))
+
+
+def comparable_key(key: dict) -> dict:
+    """A row key without the scheduler's private config keys (rows saved before they were left out still match)."""
+    schedulers = {name: {k: v for k, v in config.items() if not k.startswith("_")}
+                  for name, config in key.get("scheduler", {}).items()}
+    return {**key, "scheduler": schedulers}
+
+
 def row_key(row: Row, args, num_reference: int, inception_sha256: str, unet_sha256: str) -> dict:
     """Everything a row's FID depends on: a finished row is reused only when all of it matches."""
     return dict(
         sampler=row.sampler, model=row.model, nfe=row.nfe, unet_sha256=unet_sha256,
-        scheduler=json.loads(json.dumps({type(row.scheduler).__name__: dict(row.scheduler.config)}, default=str)),
+        scheduler=scheduler_key(row.scheduler),
         num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed,
         reference=dict(dataset=dataset_key(args), split=args.split, num_reference=num_reference),
         inception_sha256=inception_sha256,
@@ -323,7 +337,7 @@ def load_finished_row(path: str, key: dict):
         return None
     with open(path) as handle:
         saved = json.load(handle)
-    return saved["result"] if saved.get("key") == key else None
+    return saved["result"] if comparable_key(saved.get("key") or {}) == comparable_key(key) else None
 
 
 def main(argv=None) -> None:

@@ -85,14 +85,15 @@ def test_evaluate_script_reuses_finished_rows_and_adds_new_ones(tmp_path):
     DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(**SCHEDULE)).save_pretrained(teacher_dir)
     save_tiny_features(tmp_path / "features.pt")
 
-    def evaluate(*extra):
+    def evaluate(*extra, hash_seed="0"):
         command = [
             sys.executable, str(SCRIPT), "--teacher", str(teacher_dir), "--dataset_name", "digits", "--split",
             "train", "--num_reference", "32", "--num_samples", "32", "--batch_size", "16", "--teacher_steps", "0",
             "--device", "cpu", "--inception_weights", str(tmp_path / "features.pt"), "--cache_dir",
             str(tmp_path / "cache"), "--output_dir", str(output_dir), *extra,
         ]
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         rows = json.loads((output_dir / "results.json").read_text())["rows"]
         return {(row["sampler"], row["nfe"]): row["fid"] for row in rows}
@@ -109,6 +110,16 @@ def test_evaluate_script_reuses_finished_rows_and_adds_new_ones(tmp_path):
     assert set(second) == {("teacher DDIM", 1), ("teacher DDIM", 2), ("teacher DPM-Solver++(2M)", 2)}
     assert second[("teacher DDIM", 1)] == 12345.0  # read back, not recomputed
     assert math.isclose(second[("teacher DPM-Solver++(2M)", 2)], second[("teacher DDIM", 2)], rel_tol=1e-2)
+
+    # a DPM-Solver++ row is read back by a process with other string hashes (its scheduler config carries the set
+    # `_use_default_values`, whose order follows the hash seed)
+    dpm_path = output_dir / "rows" / "teacher-dpm-solver-2m-teacher-nfe2.json"
+    saved = json.loads(dpm_path.read_text())
+    saved["result"]["fid"] = 23456.0
+    dpm_path.write_text(json.dumps(saved))
+    for hash_seed in ("1", "2", "3"):
+        again = evaluate("--nfe", "2", "--dpm_solver_nfe", "2", "--seed", "0", hash_seed=hash_seed)
+        assert again[("teacher DPM-Solver++(2M)", 2)] == 23456.0, hash_seed
 
     third = evaluate("--nfe", "1", "--dpm_solver_nfe", "--seed", "1")  # other noise: the row is evaluated again
     assert third[("teacher DDIM", 1)] != 12345.0 and math.isfinite(third[("teacher DDIM", 1)])
