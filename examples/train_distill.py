@@ -93,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "steps (targets, references, baselines; a conditional teacher's classifier-free-guided x-hat after "
                        "the combination) and, with --method sfd, in its solver (conditional teachers at s = 1); auto: "
                        "where its scheduler config says clip_sample (the Hub's DDPM checkpoints do) and an eps teacher "
-                       "breaks without it (alpha < 1e-3 at t = T). Students are never clipped.")
+                       "breaks without it (alpha < 1e-3 at t = T). Students are never clipped; a clipped eps teacher's students "
+                       "predict v from the first stage (--prediction_type auto).")
     group = parser.add_argument_group("SFD (--method sfd)")
     group.add_argument("--nfe", type=int, nargs="+", default=[4],
                        help="The student's network calls per sample; several (e.g. 2 3 4 5) train one SFD-v student for all.")

@@ -68,6 +68,20 @@ def test_an_epsilon_teacher_that_breaks_at_the_first_step_gets_v_students_from_t
     assert types == ["v_prediction"] * 4
 
 
+def test_a_clipped_linear_epsilon_teacher_gets_v_students_from_the_first_stage_and_unclipped_keeps_eps_until_4():
+    # linear T = 1000 does not break at t = T, but an unclipped eps student cannot follow a clamped teacher
+    from diffusers_pd.progressive import ProgressiveDistillation
+
+    def plan(mode):
+        method = ProgressiveDistillation(ddpm_config("linear"), [], (1, 8, 8), start_steps=64, end_steps=2,
+                                         iterations_per_stage=1, prediction_type="auto", loss_weighting="auto",
+                                         learning_rate=3e-4, teacher_clip_sample=mode)
+        return [entry["prediction_type"] for entry in method.plan]
+
+    assert plan("on") == ["v_prediction"] * 5
+    assert plan("auto") == plan("off") == ["epsilon"] * 3 + ["v_prediction"] * 2
+
+
 def test_sfd_clips_the_teachers_solver_and_refuses_an_eps_student_whose_first_call_breaks():
     config = ddpm_config("squaredcos_cap_v2")  # eps, alpha_T 4.9e-5, clip_sample True by DDPM's default
     unet = tiny_unet()
@@ -196,6 +210,8 @@ def test_guided_distillation_clips_a_class_conditional_cosine_eps_teacher_and_no
     # the cosine eps teacher's students predict v from the first stage, the guided one included; a linear one keeps eps
     assert clipped.guided_prediction_type == "v_prediction" and [e["prediction_type"] for e in clipped.plan] == ["v_prediction"]
     assert plain.guided_prediction_type == "epsilon" and [e["prediction_type"] for e in plain.plan] == ["epsilon"]
+    forced = method(linear, teacher_clip_sample="on")  # clipped by request: an eps student could not follow it either
+    assert forced.guided_prediction_type == "v_prediction" and [e["prediction_type"] for e in forced.plan] == ["v_prediction"]
     assert clipped.guided_loss.teacher_clip_range == 1.0 and plain.guided_loss.teacher_clip_range is None
 
     unet = class_unet()

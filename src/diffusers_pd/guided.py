@@ -141,8 +141,9 @@ class GuidedDistillation(DistillationMethod):
         self.budgets = stage_budgets(iterations_per_stage, len(self.halvings))
         self.start_steps, self.end_steps = start_steps, end_steps
         # the halved students' parameterizations: the rule of progressive distillation (stage one keeps the teacher's,
-        # except where eps breaks at t = T: then the plan's first, v for auto)
-        breaks = epsilon_breaks_at_first_step(self.teacher_config)
+        # except where eps breaks at t = T or the teacher is clipped: then the plan's first, v for auto; an unclipped
+        # eps student cannot follow a clamped teacher, parameterization.stage_plan)
+        breaks = epsilon_breaks_at_first_step(self.teacher_config) or self.teacher_clip_range is not None
         if switch_steps is None and prediction_type == "auto" and not breaks:
             switch_steps = GUIDED_EPSILON_SWITCH_STEPS  # eps teachers: v from 2 steps (measured; v/x teachers: no switch)
         self.plan = stage_plan(stage_steps=self.halvings, teacher_prediction_type=self.config["prediction_type"],

@@ -189,6 +189,7 @@ def stage_plan(
     switch_steps: Optional[int] = None,
     conversion_stage: bool = False,
     epsilon_breaks_at_first_step: bool = False,
+    teacher_clipped: bool = False,
 ) -> List[Dict]:
     """Which parameterization each progressive-distillation stage's student predicts: THE rule, stated once.
 
@@ -202,7 +203,11 @@ def stage_plan(
         pre-"auto" default's exactly, so v/x teachers' results are unchanged);
       * epsilon teachers: students keep epsilon while N > EPSILON_SWITCH_STEPS (4) and predict v from N = 4 on;
         no conversion stage; except where eps breaks at the first step of any grid (`epsilon_breaks_at_first_step`,
-        `clipping.epsilon_breaks_at_first_step`: alpha_T < 1e-3, e.g. squaredcos_cap_v2): v from the first stage.
+        `clipping.epsilon_breaks_at_first_step`: alpha_T < 1e-3, e.g. squaredcos_cap_v2) or the teacher's x-hat is
+        clipped (`teacher_clipped`, `--teacher_clip_sample on`): v from the first stage. An unclipped eps student
+        cannot follow a clamped teacher where 1 / alpha amplifies its eps error: on the Fashion-MNIST linear eps
+        teacher clipped, eps students ended 0.23 / 0.30 / 0.48 from the clipped reference at 32 / 16 / 8 steps, v
+        students 0.079 / 0.079 (benchmarks/results/fashion-mnist-eps/results.md, "Clipped teacher").
     An explicit `prediction_type` P switches to P at the first stage (the behaviour before "auto"), or at
     `switch_steps` if given; `conversion_stage` puts a conversion stage before the switching halving.
 
@@ -224,7 +229,8 @@ def stage_plan(
     if switch_steps is not None and switch_steps < 1:
         raise ValueError(f"switch_steps {switch_steps}: pass a step count of at least 1 (--parameterization_switch_steps).")
     if switch_steps is None:
-        keep_epsilon = prediction_type == "auto" and teacher_prediction_type == "epsilon" and not epsilon_breaks_at_first_step
+        keep_epsilon = (prediction_type == "auto" and teacher_prediction_type == "epsilon"
+                        and not (epsilon_breaks_at_first_step or teacher_clipped))
         switch_steps = EPSILON_SWITCH_STEPS if keep_epsilon else stage_steps[0]
     plan, current = [], teacher_prediction_type
     for steps in stage_steps:

@@ -94,7 +94,8 @@ class ProgressiveDistillation(DistillationMethod):
         self.teacher_prediction_type = self.scheduler_config["prediction_type"]
         self.plan = stage_plan(stage_steps=stage_steps(start_steps, end_steps), teacher_prediction_type=self.teacher_prediction_type,
                                prediction_type=prediction_type, switch_steps=switch_steps, conversion_stage=conversion_stage,
-                               epsilon_breaks_at_first_step=epsilon_breaks_at_first_step(self.teacher_config))
+                               epsilon_breaks_at_first_step=epsilon_breaks_at_first_step(self.teacher_config),
+                               teacher_clipped=self.teacher_clip_range is not None)
         for entry in self.plan:  # e.g. epsilon on a zero-terminal-SNR schedule: refused now, not at that stage
             ProgressiveDistillationScheduler.from_config(self.scheduler_config, prediction_type=entry["prediction_type"])
             entry["loss_weighting"] = student_loss_weighting(prediction_type=entry["prediction_type"], loss_weighting=loss_weighting)
