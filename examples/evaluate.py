@@ -306,18 +306,20 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def public_config(config) -> dict:
+    """A scheduler config without its private keys (`_use_default_values`, a set whose order changes with every
+    process's hash seed), so that a finished row's key matches in the next process too."""
+    return {name: value for name, value in config.items() if not name.startswith("_")}
+
+
 def scheduler_key(scheduler) -> dict:
-    """A scheduler's class and public config as JSON; private keys (`_use_default_values`, a set whose order changes
-    with every process's hash seed) are left out, so a finished row matches in the next process too."""
-    config = {name: value for name, value in scheduler.config.items() if not name.startswith("_")}
-    return json.loads(json.dumps({type(scheduler).__name__: config}, default=str))
+    """A scheduler's class and public config as JSON."""
+    return json.loads(json.dumps({type(scheduler).__name__: public_config(scheduler.config)}, default=str))
 
 
-def comparable_key(key: dict) -> dict:
-    """A row key without the scheduler's private config keys (rows saved before they were left out still match)."""
-    schedulers = {name: {k: v for k, v in config.items() if not k.startswith("_")}
-                  for name, config in key.get("scheduler", {}).items()}
-    return {**key, "scheduler": schedulers}
+def saved_key(key: dict) -> dict:
+    """A saved row key as `row_key` writes it now (rows saved with the private config keys still match)."""
+    return {**key, "scheduler": {name: public_config(config) for name, config in key.get("scheduler", {}).items()}}
 
 
 def row_key(row: Row, args, num_reference: int, inception_sha256: str, unet_sha256: str) -> dict:
@@ -337,7 +339,7 @@ def load_finished_row(path: str, key: dict):
         return None
     with open(path) as handle:
         saved = json.load(handle)
-    return saved["result"] if comparable_key(saved.get("key") or {}) == comparable_key(key) else None
+    return saved["result"] if saved_key(saved.get("key") or {}) == key else None
 
 
 def main(argv=None) -> None:

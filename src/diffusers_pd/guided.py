@@ -143,13 +143,14 @@ class GuidedDistillation(DistillationMethod):
         # the halved students' parameterizations: the rule of progressive distillation (stage one keeps the teacher's,
         # except where eps breaks at t = T or the teacher is clipped: then the plan's first, v for auto; an unclipped
         # eps student cannot follow a clamped teacher, parameterization.stage_plan)
-        breaks = epsilon_breaks_at_first_step(self.teacher_config) or self.teacher_clip_range is not None
-        if switch_steps is None and prediction_type == "auto" and not breaks:
+        breaks, clipped = epsilon_breaks_at_first_step(self.teacher_config), self.teacher_clip_range is not None
+        if switch_steps is None and prediction_type == "auto" and not (breaks or clipped):
             switch_steps = GUIDED_EPSILON_SWITCH_STEPS  # eps teachers: v from 2 steps (measured; v/x teachers: no switch)
         self.plan = stage_plan(stage_steps=self.halvings, teacher_prediction_type=self.config["prediction_type"],
                                prediction_type=prediction_type, switch_steps=switch_steps,
-                               epsilon_breaks_at_first_step=breaks)
-        self.guided_prediction_type = self.plan[0]["prediction_type"] if breaks else self.config["prediction_type"]
+                               epsilon_breaks_at_first_step=breaks, teacher_clipped=clipped)
+        self.guided_prediction_type = (self.plan[0]["prediction_type"] if breaks or clipped
+                                       else self.config["prediction_type"])
         self.loss_weighting, self.peak_learning_rate = loss_weighting, learning_rate
         self.embedding_lr_scale = embedding_lr_scale  # the guided stage's new guidance embedding learns at lr x this
         self.guided_loss = GuidedDistillationLoss(weighting=loss_weighting, teacher_clip_range=self.teacher_clip_range)
