@@ -503,7 +503,10 @@ def distill(args, argv) -> dict:
         teacher = method.resume_teacher(teacher, progress["stage"])
         checkpoints.load_checkpoint(accelerator, checkpoint, {"teacher": teacher})
         method.load_state(progress)
-        logger.info(f"Resuming from {checkpoint}: stage {progress['stage'] + 1}/{len(stages)}, iteration {progress['step']}")
+        if progress["stage"] < len(stages):
+            logger.info(f"Resuming from {checkpoint}: stage {progress['stage'] + 1}/{len(stages)}, iteration {progress['step']}")
+        else:
+            logger.info(f"{checkpoint} ends a finished run: nothing left to train (a smaller --end_steps extends it).")
     teacher.to(device).eval().requires_grad_(False)
     stop = interrupt.StopSignals().install()  # Ctrl-C / SIGTERM: checkpoint at the current iteration, then stop
     ctx = LoopContext(device, accelerator.process_index, accelerator.num_processes, args.train_batch_size,
@@ -595,15 +598,15 @@ def distill(args, argv) -> dict:
         for done in finished:
             history.append(finish_student(done, stage, row, validation, accelerator, method, args, progress["global_step"]))
         progress.update(stage=stage.index + 1, step=0, history=history, stage_time_s=0.0, stage_losses=[], stage_updates=0)
-        if stage.index + 1 < len(stages):  # a stage boundary is a checkpoint: the next stage needs only its teacher
-            saved = checkpoints.save_checkpoint(accelerator, output_dir, progress["global_step"],
-                                             {**progress, "stages": stage_names, "budgets": budgets, **method.state()},
-                                             {"teacher": teacher},
-                                             total_limit=args.checkpoints_total_limit)
-            signum = stop.requested(accelerator)
-            if signum:
-                interrupt.stop_run(accelerator, signum, progress["global_step"], saved,
-                                   training.resume_command(__file__, argv, accelerator.num_processes))
+        # a stage boundary is a checkpoint holding only the next stage's teacher; after the last stage, the teacher of
+        # the stages a smaller --end_steps (or --second_stage) adds on resume
+        saved = checkpoints.save_checkpoint(accelerator, output_dir, progress["global_step"],
+                                            {**progress, "stages": stage_names, "budgets": budgets, **method.state()},
+                                            {"teacher": teacher}, total_limit=args.checkpoints_total_limit)
+        signum = stop.requested(accelerator) if stage.index + 1 < len(stages) else None
+        if signum:
+            interrupt.stop_run(accelerator, signum, progress["global_step"], saved,
+                               training.resume_command(__file__, argv, accelerator.num_processes))
     stop.restore()
 
     # 7. summary

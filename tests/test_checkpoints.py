@@ -43,7 +43,11 @@ STAGES, BUDGETS = ["4 -> 2", "2 -> 1"], [3, 2]
 @pytest.mark.parametrize(
     "progress, state, refusal",
     [
-        ({"stages": ["8 -> 4", "4 -> 2"], "budgets": BUDGETS}, {}, "was made for stages"),
+        ({"stages": ["8 -> 4", "4 -> 2"], "budgets": BUDGETS}, {}, "was made for stages.*--start_steps / --end_steps"),
+        ({"stages": [*STAGES, "1 -> 0"], "budgets": [3, 2, 2]}, {}, "was made for stages"),  # a longer run: not a prefix
+        ({"stages": ["2 -> 1"], "budgets": [2]}, {}, "was made for stages"),  # these stages' last: not their first
+        ({"stages": [], "budgets": []}, {}, "was made for stages"),
+        ({"stages": STAGES[:1], "budgets": [2]}, {}, r"\[2\] iterations per stage, these arguments give \[3\]"),
         ({"stages": STAGES, "budgets": [3, 3]}, {}, r"\[3, 3\] iterations per stage.*--iterations_per_stage"),
         ({"stages": STAGES, "budgets": BUDGETS, "teacher_clip_range": 1.0}, {"teacher_clip_range": None},
          r"clamped to \[-1, 1\].*these arguments give unclipped: pass the run's --teacher_clip_sample"),
@@ -61,6 +65,7 @@ def test_resume_refuses_another_run(tmp_path, progress, state, refusal):
     [
         ({"stages": STAGES, "budgets": BUDGETS, "teacher_clip_range": 1.0}, {"teacher_clip_range": 1.0}),
         ({"stages": STAGES}, {"teacher_clip_range": 1.0}),  # a checkpoint from before budgets and clipping were kept
+        ({"stages": STAGES[:1], "budgets": BUDGETS[:1]}, {}),  # a run to fewer steps, extended by a smaller --end_steps
     ],
 )
 def test_resume_accepts_the_same_run(tmp_path, progress, state):

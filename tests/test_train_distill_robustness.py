@@ -258,11 +258,13 @@ def test_sigkilled_run_resumes_to_the_same_students(teachers, tmp_path):
     summary = json.loads((out_b / "summary.json").read_text())
     assert [(row["steps"], row["prediction_type"]) for row in summary] == [(8, "v_prediction"), (4, "v_prediction"), (2, "v_prediction")]
     assert summary[0]["stage"] == "8: epsilon -> v_prediction"
-    # --checkpoints_total_limit 1: only the newest checkpoint (update 16 of 18) is left, and it is complete.
-    assert [p.name for p in checkpoint_folders(out_b)] == ["checkpoint-16"]
-    assert json.loads((out_b / "checkpoint-16" / "progress.json").read_text())["global_step"] == 16
-    assert {"progress.json", "student.safetensors", "teacher.safetensors", "optimizer.pt", "ema.pt"} <= {
-        p.name for p in (out_b / "checkpoint-16").iterdir()}
+    # --checkpoints_total_limit 1: only the newest checkpoint is left, the run's end (update 18 of 18): its last
+    # student as the teacher of any stage a smaller --end_steps adds
+    assert [p.name for p in checkpoint_folders(out_b)] == ["checkpoint-18"]
+    progress = json.loads((out_b / "checkpoint-18" / "progress.json").read_text())
+    assert (progress["global_step"], progress["stage"], progress["step"]) == (18, 3, 0)
+    assert {p.name for p in (out_b / "checkpoint-18").iterdir()} >= {"progress.json", "teacher.safetensors"}
+    assert max_abs_diff(load_file(out_b / "checkpoint-18" / "teacher.safetensors"), unet_weights(out_b / "student-2steps")) == 0
 
 
 # ----------------------------------------------------------------------------------------------- 2. two processes
@@ -492,6 +494,41 @@ def test_resuming_with_other_per_stage_budgets_is_refused(teachers, tmp_path):
                                                           "give [3, 3]: pass the run's --iterations_per_stage / "
                                                           "--num_trajectories again.")
     assert snapshot(out) == before
+
+
+def test_a_smaller_end_steps_extends_a_finished_run_to_the_students_of_one_longer_run(teachers, tmp_path):
+    """Resume with a smaller --end_steps: the finished run's students stay, the new stages start from its last student
+    (its run-end checkpoint), and the students and summary are those of one run to the smaller --end_steps."""
+    common = [*TINY, "--teacher", teachers["eps"], "--start_steps", 8, "--iterations_per_stage", 3,
+              "--train_batch_size", 4, "--num_validation_samples", 4, "--checkpointing_steps", 2]
+    env = script_env(tmp_path / "hf_home")
+    whole, extended = tmp_path / "whole", tmp_path / "extended"
+    first = run(distill_command(*common, "--end_steps", 4, "--output_dir", extended), env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    four = unet_weights(extended / "student-4steps")
+    again = run(distill_command(*common, "--end_steps", 4, "--output_dir", extended, "--resume_from_checkpoint", "latest"), env)
+    assert again.returncode == 0 and "ends a finished run: nothing left to train" in again.stderr, again.stderr[-3000:]
+    assert max_abs_diff(unet_weights(extended / "student-4steps"), four) == 0  # nothing retrained
+    more = run(distill_command(*common, "--end_steps", 1, "--output_dir", extended, "--resume_from_checkpoint", "latest"), env)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "stage 2/3" in more.stderr and "stage 1/3" not in more.stderr  # started at the first new stage
+    assert max_abs_diff(unet_weights(extended / "student-4steps"), four) == 0
+    single = run(distill_command(*common, "--end_steps", 1, "--output_dir", whole), env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for steps in (4, 2, 1):
+        a, b = unet_weights(whole / f"student-{steps}steps"), unet_weights(extended / f"student-{steps}steps")
+        assert max_abs_diff(a, b) <= 1e-6, steps
+    assert max_abs_diff(unet_weights(whole / "student-1steps"), four) > 1e-4  # the new stages really trained
+    summary = lambda out: json.loads((out / "summary.json").read_text())  # noqa: E731
+    assert len(summary(whole)) == 3 and len(summary(extended)) == 3
+    for a, b in zip(summary(whole), summary(extended)):
+        assert [a[c] for c in ("stage", "steps", "prediction_type", "updates")] == [b[c] for c in ("stage", "steps", "prediction_type", "updates")]
+        assert b["mse_to_teacher"] == pytest.approx(a["mse_to_teacher"], rel=1e-4)
+        assert b["teacher_ddim_mse"] == pytest.approx(a["teacher_ddim_mse"], rel=1e-6)
+    shorter = run(distill_command(*common, "--end_steps", 2, "--output_dir", extended, "--resume_from_checkpoint", "latest"), env)
+    assert shorter.returncode != 0
+    assert shorter.stderr.strip().splitlines()[-1].endswith("pass the run's --start_steps / --end_steps again "
+                                                            "(a smaller --end_steps extends it).")
 
 
 # ----------------------------------------------------------------------------------------------- 6. Ctrl-C / SIGTERM

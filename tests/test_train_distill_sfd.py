@@ -157,6 +157,26 @@ def test_sigkilled_sfd_run_resumes_to_the_same_students(teacher, tmp_path):
         assert max_abs_diff(a, teacher_weights) > 1e-5  # they trained: equality is not vacuous
 
 
+def test_a_finished_sfd_run_resumed_with_second_stage_adds_the_one_nfe_student_of_one_run(teacher, tmp_path):
+    common = [*TINY, "--teacher", teacher, "--nfe", 2, "--num_trajectories", 16, "--train_batch_size", 4,
+              "--teacher_steps_per_step", 2, "--checkpointing_steps", 2]
+    second = ["--second_stage", "--second_stage_trajectories", 16]
+    env = script_env(tmp_path / "hf_home")
+    whole, extended = tmp_path / "whole", tmp_path / "extended"
+    first = run(distill_command(*common, "--output_dir", extended), env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (extended / "student-1steps").exists()
+    more = run(distill_command(*common, *second, "--output_dir", extended, "--resume_from_checkpoint", "latest"), env)
+    assert more.returncode == 0, more.stderr[-3000:]
+    single = run(distill_command(*common, *second, "--output_dir", whole), env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    for nfe in (2, 1):
+        assert max_abs_diff(unet_weights(whole / f"student-{nfe}steps"), unet_weights(extended / f"student-{nfe}steps")) <= 1e-6
+    assert max_abs_diff(unet_weights(extended / "student-1steps"), unet_weights(extended / "student-2steps")) > 1e-5
+    assert [row["stage"] for row in json.loads((extended / "summary.json").read_text())] == [
+        row["stage"] for row in json.loads((whole / "summary.json").read_text())]
+
+
 def test_two_cpu_processes_train_the_same_sfd_student_as_one_with_the_global_batch(teacher, tmp_path):
     # Adam's eps=1 makes its updates linear in the gradient (see the progressive-distillation test of the same name).
     common = [*TINY, "--teacher", teacher, "--nfe", 2, "--num_trajectories", 24, "--teacher_steps_per_step", 2,

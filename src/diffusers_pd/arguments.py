@@ -78,7 +78,8 @@ def add_output_args(parser: argparse.ArgumentParser, output_dir: str) -> None:
     group.add_argument("--checkpoints_total_limit", type=int, default=None,
                        help="Keep at most this many checkpoints; None: keep all.")
     group.add_argument("--resume_from_checkpoint", type=str, default=None,
-                       help="A checkpoint folder, or `latest` (the newest in output_dir); None: start from scratch.")
+                       help="A checkpoint folder, or `latest` (the newest in output_dir); None: start from scratch. "
+                            "A finished run resumed with a smaller --end_steps goes on to the new stages.")
     group.add_argument("--num_grid_images", type=int, default=16, help="Images in each samples.png grid.")
     group.add_argument("--push_to_hub", action="store_true", help="Push the result to the Hub repo --hub_model_id.")
     group.add_argument("--hub_model_id", type=str, default=None, help="The Hub repo to push to, e.g. you/name.")

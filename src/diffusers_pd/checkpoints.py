@@ -123,14 +123,17 @@ def check_resumable(checkpoint, progress: Dict[str, Any], stages: List[str], bud
                     state: Dict[str, Any]) -> None:
     """Refuse (ValueError naming the flag to pass again) a checkpoint made by another run: other stages, other budgets
     per stage or another clamp of the original teacher's x-hat (`state`'s `teacher_clip_range`) than these arguments
-    give. A key the checkpoint predates is not checked."""
+    give. A run's stages may be the first of these arguments' (a smaller --end_steps extends a finished run). A key
+    the checkpoint predates is not checked."""
     from .clipping import clip_card_row
 
-    if progress.get("stages") != stages:
-        raise ValueError(f"{checkpoint} was made for stages {progress.get('stages')}, these arguments give {stages}.")
-    if progress.get("budgets", budgets) != budgets:
+    done = progress.get("stages") or []
+    if not done or stages[: len(done)] != done:
+        raise ValueError(f"{checkpoint} was made for stages {progress.get('stages')}, these arguments give {stages}: "
+                         f"pass the run's --start_steps / --end_steps again (a smaller --end_steps extends it).")
+    if progress.get("budgets", budgets[: len(done)]) != budgets[: len(done)]:
         raise ValueError(f"{checkpoint} was made with {progress['budgets']} iterations per stage, these arguments give "
-                         f"{budgets}: pass the run's --iterations_per_stage / --num_trajectories again.")
+                         f"{budgets[: len(done)]}: pass the run's --iterations_per_stage / --num_trajectories again.")
     clip_range = state.get("teacher_clip_range")
     if progress.get("teacher_clip_range", clip_range) != clip_range:  # the original teacher's targets and references
         raise ValueError(f"{checkpoint} was made with the teacher's x-hat {clip_card_row(progress['teacher_clip_range'])}, "
