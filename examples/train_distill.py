@@ -178,7 +178,7 @@ from accelerate.utils import set_seed  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from diffusers_pd import ProgressiveDistillationScheduler, checkpoints, interrupt, launch, training  # noqa: E402
+from diffusers_pd import ProgressiveDistillationScheduler, checkpoints, clipping, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_text  # noqa: E402
 from diffusers_pd.data import load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.guidance import check_foldable_range, check_guidance_range  # noqa: E402
@@ -480,6 +480,9 @@ def distill(args, argv) -> dict:
     except ValueError as error:
         sys.exit(f"error: {error}")
     device = accelerator.device
+    note = clipping.unclamped_clip_sample_note(scheduler_config, args.teacher_clip_sample)
+    if note:
+        logger.warning(note)
     set_seed(args.seed)  # dropout and anything else on the global RNGs (restored from a checkpoint on resume)
     if text_to_image:  # the teacher encodes its training pairs once (latents, text embeddings), cached in output_dir
         try:

@@ -60,6 +60,17 @@ def test_auto_clips_only_an_epsilon_teacher_that_breaks_at_the_first_step_and_re
         teacher_clip_range({}, "yes")
 
 
+def test_a_clip_sample_eps_teacher_left_unclamped_by_auto_gets_one_note_naming_the_flag():
+    from diffusers_pd.clipping import unclamped_clip_sample_note
+
+    linear = ddpm_config("linear")  # the Hub DDPM shape: eps, clip_sample=True (the class default), alpha_T 0.0064
+    assert "--teacher_clip_sample on" in unclamped_clip_sample_note(linear)
+    assert unclamped_clip_sample_note(linear, "on") is None and unclamped_clip_sample_note(linear, "off") is None
+    assert unclamped_clip_sample_note(ddpm_config("squaredcos_cap_v2")) is None  # auto clamps it already
+    assert unclamped_clip_sample_note(ddpm_config("linear", clip_sample=False)) is None  # the config says no
+    assert unclamped_clip_sample_note(ddpm_config("linear", "v_prediction")) is None
+
+
 def test_an_epsilon_teacher_that_breaks_at_the_first_step_gets_v_students_from_the_first_stage():
     from diffusers_pd.parameterization import stage_plan
 

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
-from diffusers_pd import ProgressiveDistillationPipeline, ProgressiveDistillationScheduler
+from diffusers_pd import ProgressiveDistillationPipeline, ProgressiveDistillationScheduler, clipping
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_distill.py"
@@ -193,10 +193,13 @@ def test_default_rule_keeps_the_first_stage_of_an_eps_teacher_as_faithful_as_its
     rows = {}
     for name, flags in (("auto", []), ("unscaled", ["--no-scale_lr_with_steps", "--loss_weighting", "truncated_snr"])):
         out = tmp_path / name
-        run_distill("--teacher", EPS_TEACHER, "--dataset_name", "digits", "--start_steps", 16, "--end_steps", 8,
-                    "--iterations_per_stage", 100, "--train_batch_size", 32, "--num_validation_samples", 32,
-                    "--num_grid_images", 1, "--output_dir", out, *flags)
+        result = run_distill("--teacher", EPS_TEACHER, "--dataset_name", "digits", "--start_steps", 16, "--end_steps", 8,
+                             "--iterations_per_stage", 100, "--train_batch_size", 32, "--num_validation_samples", 32,
+                             "--num_grid_images", 1, "--output_dir", out, *flags)
         rows[name] = json.loads((out / "summary.json").read_text())[0]
+        # its config says clip_sample=True, auto leaves it unclamped: one warning names the flag that clamps it
+        assert [line for line in result.stderr.splitlines() if "--teacher_clip_sample auto distils" in line][0].endswith(
+            clipping.unclamped_clip_sample_note({"prediction_type": "epsilon", "clip_sample": True}))
     assert rows["auto"]["prediction_type"] == "epsilon"  # 8 steps > the switch at 4: the student keeps the head
     assert rows["auto"]["mse_to_teacher"] <= rows["auto"]["teacher_ddim_mse"], rows["auto"]  # measured 0.64x
     assert rows["unscaled"]["mse_to_teacher"] > rows["unscaled"]["teacher_ddim_mse"], rows["unscaled"]  # measured 1.95x
