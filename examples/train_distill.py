@@ -480,7 +480,8 @@ def distill(args, argv) -> dict:
     except ValueError as error:
         sys.exit(f"error: {error}")
     device = accelerator.device
-    note = clipping.unclamped_clip_sample_note(scheduler_config, args.teacher_clip_sample)
+    # measured for the halvings' parameterization rule only: SFD's students and its clamp were not compared so
+    note = clipping.unclamped_clip_sample_note(scheduler_config, args.teacher_clip_sample) if args.method == "progressive" else None
     if note:
         logger.warning(note)
     set_seed(args.seed)  # dropout and anything else on the global RNGs (restored from a checkpoint on resume)
