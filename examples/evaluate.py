@@ -83,7 +83,7 @@ from PIL import Image  # noqa: E402
 
 from diffusers_pd import ProgressiveDistillationScheduler, denoise, initial_noise, student_steps  # noqa: E402
 from diffusers_pd.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
-from diffusers_pd.clipping import clipped_teacher, teacher_clip_range  # noqa: E402
+from diffusers_pd.clipping import clipped_teacher, left_unclamped, teacher_clip_range  # noqa: E402
 from diffusers_pd.data import image_transform, load_image_dataset  # noqa: E402
 from diffusers_pd.export import schedule_kwargs  # noqa: E402
 from diffusers_pd.scheduler import METADATA_KEY  # noqa: E402
@@ -201,6 +201,12 @@ def build_rows(args, teacher: DiffusionPipeline, students: dict) -> list:
         ceiling = Row(f"teacher DDIM{clipped} (ceiling)", args.teacher, args.teacher_steps, unet, ddim(config), True)
         rows.append(ceiling)
     return rows
+
+
+UNCLAMPED_NOTE = (
+    "Note: the teacher's scheduler config says clip_sample=True, so diffusers' own samplers clamp its x-hat; its rows "
+    "here are unclamped, as train_distill.py's default distils it (--teacher_clip_sample auto). Pass "
+    "--teacher_clip_sample on for the clamped rows (labelled 'x-hat clipped').")
 
 
 def check_same_shape(teacher: DiffusionPipeline, students: dict) -> None:
@@ -352,6 +358,8 @@ def main(argv=None) -> None:
     students = {name: load_unet_pipeline(name, args.device) for name in args.students}
     check_same_shape(teacher, students)
     rows = name_rows_uniquely(build_rows(args, teacher, students))
+    if left_unclamped(teacher.scheduler.config, args.teacher_clip_sample):
+        print(UNCLAMPED_NOTE, file=sys.stderr)
     features = InceptionFeatures(args.inception_weights).to(args.device)
     resolution, num_channels = teacher.unet.config.sample_size, teacher.unet.config.in_channels
 

@@ -16,14 +16,19 @@ TINY_UNET = dict(
 )
 
 
+def perturbed(module: torch.nn.Module, generator=None, scale: float = 0.02) -> torch.nn.Module:
+    """`module` with every parameter moved by scale * N(0, 1) (drawn from `generator`, else the global RNG), so no
+    zero-initialised layer hides an input and the output scale is clearly non-trivial."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return module.eval()
+
+
 def tiny_unet(seed: int = 0, **overrides) -> UNet2DModel:
     """A randomly initialised tiny UNet2DModel (about 40k parameters) whose output depends on its input and t."""
     torch.manual_seed(seed)
-    unet = UNet2DModel(**{**TINY_UNET, **overrides})
-    with torch.no_grad():  # diffusers zero-inits nothing here, but make the output scale clearly non-trivial
-        for p in unet.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return unet.eval()
+    return perturbed(UNet2DModel(**{**TINY_UNET, **overrides}))
 
 
 @pytest.fixture

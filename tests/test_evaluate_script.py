@@ -125,34 +125,47 @@ def test_evaluate_script_reuses_finished_rows_and_adds_new_ones(tmp_path):
     assert third[("teacher DDIM", 1)] != 12345.0 and math.isfinite(third[("teacher DDIM", 1)])
 
 
+def evaluate_clip_mode(tmp_path, beta_schedule: str, mode: str):
+    """evaluate.py on a tiny eps teacher of `beta_schedule` (DDPMScheduler's clip_sample=True) and its own weights saved
+    as a 2-step student, with --teacher_clip_sample `mode`: ({sampler: FID}, stderr)."""
+    teacher_dir, student_dir = tmp_path / f"teacher-{beta_schedule}", tmp_path / f"student-2-{beta_schedule}"
+    if not teacher_dir.exists():
+        schedule = dict(num_train_timesteps=1000, beta_schedule=beta_schedule, prediction_type="epsilon")
+        DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(**schedule)).save_pretrained(teacher_dir)
+        save_student(student_dir, tiny_unet(0), ProgressiveDistillationScheduler(**schedule), 2, teacher=str(teacher_dir))
+        save_tiny_features(tmp_path / "features.pt")
+    output_dir = tmp_path / f"eval-{beta_schedule}-{mode}"
+    command = [
+        sys.executable, str(SCRIPT), "--teacher", str(teacher_dir), "--students", str(student_dir), "--dataset_name",
+        "digits", "--split", "train", "--num_reference", "32", "--num_samples", "32", "--batch_size", "16",
+        "--nfe", "2", "--dpm_solver_nfe", "--teacher_steps", "0", "--device", "cpu", "--teacher_clip_sample", mode,
+        "--inception_weights", str(tmp_path / "features.pt"), "--cache_dir", str(tmp_path / "cache"),
+        "--output_dir", str(output_dir),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((output_dir / "results.json").read_text())["rows"]
+    return {row["sampler"]: row["fid"] for row in rows}, result.stderr
+
+
 def test_evaluate_script_clips_a_clip_sample_eps_teacher_as_training_does_and_never_the_student(tmp_path):
     # A squaredcos_cap_v2 eps teacher (clip_sample by DDPM's default) breaks unclipped at t = T: auto clamps its
     # x-hat in its rows, labelled so; its own weights saved as a student stay unclipped; `off` gives the plain rows.
-    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student-2"
-    schedule = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
-    DDPMPipeline(unet=tiny_unet(0), scheduler=DDPMScheduler(**schedule)).save_pretrained(teacher_dir)
-    save_student(student_dir, tiny_unet(0), ProgressiveDistillationScheduler(**schedule), 2, teacher=str(teacher_dir))
-    save_tiny_features(tmp_path / "features.pt")
-
-    def evaluate(mode):
-        output_dir = tmp_path / f"eval-{mode}"
-        command = [
-            sys.executable, str(SCRIPT), "--teacher", str(teacher_dir), "--students", str(student_dir), "--dataset_name",
-            "digits", "--split", "train", "--num_reference", "32", "--num_samples", "32", "--batch_size", "16",
-            "--nfe", "2", "--dpm_solver_nfe", "--teacher_steps", "0", "--device", "cpu", "--teacher_clip_sample", mode,
-            "--inception_weights", str(tmp_path / "features.pt"), "--cache_dir", str(tmp_path / "cache"),
-            "--output_dir", str(output_dir),
-        ]
-        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        assert result.returncode == 0, result.stderr[-3000:]
-        rows = json.loads((output_dir / "results.json").read_text())["rows"]
-        return {row["sampler"]: row["fid"] for row in rows}
-
-    clipped, plain = evaluate("auto"), evaluate("off")
+    (clipped, _), (plain, _) = (evaluate_clip_mode(tmp_path, "squaredcos_cap_v2", mode) for mode in ("auto", "off"))
     assert set(clipped) == {"student (progressive_distillation)", "teacher DDIM, x-hat clipped"}
     assert set(plain) == {"student (progressive_distillation)", "teacher DDIM"}
     assert plain["teacher DDIM"] == plain["student (progressive_distillation)"] == clipped["student (progressive_distillation)"]
     assert clipped["teacher DDIM, x-hat clipped"] != plain["teacher DDIM"]
+
+
+def test_evaluate_script_says_when_auto_leaves_a_clip_sample_teacher_unclamped(tmp_path):
+    # A linear eps teacher (the Hub DDPM shape, clip_sample=True): auto leaves its rows unclamped, unlike diffusers'
+    # own samplers, and says so naming the flag; an explicit --teacher_clip_sample says nothing.
+    auto, auto_stderr = evaluate_clip_mode(tmp_path, "linear", "auto")
+    off, off_stderr = evaluate_clip_mode(tmp_path, "linear", "off")
+    assert "clip_sample=True" in auto_stderr and "--teacher_clip_sample on" in auto_stderr
+    assert "clip_sample=True" not in off_stderr
+    assert auto == off  # the same unclamped rows
 
 
 def test_students_of_the_same_folder_name_in_different_runs_keep_their_own_rows(tmp_path):

@@ -8,7 +8,7 @@ scheduler is SD 1.x's own PNDMScheduler config (scaled_linear, steps_offset=1, s
 from pathlib import Path
 
 import torch
-from conftest import TINY_UNET
+from conftest import TINY_UNET, perturbed
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -42,25 +42,21 @@ SD_SCHEDULER = dict(
 )
 
 
-def perturbed(module: torch.nn.Module, seed: int, scale: float = 0.02) -> torch.nn.Module:
-    """`module` with every parameter moved by scale * N(0, 1), so no zero-initialised layer hides an input."""
-    generator = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    return module.eval()
+def seeded(seed: int) -> torch.Generator:
+    """The generator of a tiny model's perturbation: its own stream, apart from the seed of its initialisation."""
+    return torch.Generator().manual_seed(seed + 1000)
 
 
 def tiny_cond_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
     """A randomly initialised tiny UNet2DConditionModel (8x8x4 latents, 32-dim cross-attention)."""
     torch.manual_seed(seed)
-    return perturbed(UNet2DConditionModel(**{**TINY_COND_UNET, **overrides}), seed)
+    return perturbed(UNet2DConditionModel(**{**TINY_COND_UNET, **overrides}), seeded(seed))
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     """A randomly initialised tiny AutoencoderKL (16x16 RGB <-> 8x8x4)."""
     torch.manual_seed(seed)
-    return perturbed(AutoencoderKL(**TINY_VAE), seed)
+    return perturbed(AutoencoderKL(**TINY_VAE), seeded(seed))
 
 
 def write_tiny_clip_vocab(folder, words=WORDS) -> Path:

@@ -68,12 +68,18 @@ def teacher_clip_range(scheduler_config: Mapping, mode: str = "auto") -> Optiona
     return clip_range
 
 
-def unclamped_clip_sample_note(scheduler_config: Mapping, mode: str = "auto") -> Optional[str]:
-    """The one-line warning for an eps teacher whose config says `clip_sample` that `mode` "auto" leaves unclamped
-    (measured: clamped, its few-step students are much better by FID), or None."""
+def left_unclamped(scheduler_config: Mapping, mode: str = "auto") -> bool:
+    """True for an eps teacher whose config says `clip_sample` (diffusers clamps its x-hat) that `mode` "auto" leaves
+    unclamped."""
     if mode != "auto" or teacher_clip_range(scheduler_config, mode) is not None:
-        return None
-    if scheduler_config.get("prediction_type") != "epsilon" or not class_default(scheduler_config, "clip_sample", False):
+        return False
+    return scheduler_config.get("prediction_type") == "epsilon" and bool(class_default(scheduler_config, "clip_sample", False))
+
+
+def unclamped_clip_sample_note(scheduler_config: Mapping, mode: str = "auto") -> Optional[str]:
+    """The one-line warning of a progressive run on a teacher `left_unclamped` (measured: clamped, its few-step
+    students are much better by FID), or None."""
+    if not left_unclamped(scheduler_config, mode):
         return None
     return ("The teacher's scheduler config says clip_sample=True (diffusers samples it with x-hat clamped) but "
             "--teacher_clip_sample auto distils it unclamped (the default that keeps every stage below the teacher's "
