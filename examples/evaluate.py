@@ -205,8 +205,9 @@ def build_rows(args, teacher: DiffusionPipeline, students: dict) -> list:
 
 UNCLAMPED_NOTE = (
     "Note: the teacher's scheduler config says clip_sample=True, so diffusers' own samplers clamp its x-hat; its rows "
-    "here are unclamped, as train_distill.py's default distils it (--teacher_clip_sample auto). Pass "
-    "--teacher_clip_sample on for the clamped rows (labelled 'x-hat clipped').")
+    "here are unclamped, like the reference of train_distill.py's default (--teacher_clip_sample auto, which clamps "
+    "such a teacher only from the halving where its students leave eps). Pass --teacher_clip_sample on for the "
+    "clamped rows (labelled 'x-hat clipped').")
 
 
 def check_same_shape(teacher: DiffusionPipeline, students: dict) -> None:

@@ -93,8 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "steps (targets, references, baselines; a conditional teacher's classifier-free-guided x-hat after "
                        "the combination) and, with --method sfd, in its solver (conditional teachers at s = 1); auto: "
                        "where its scheduler config says clip_sample (the Hub's DDPM checkpoints do) and an eps teacher "
-                       "breaks without it (alpha < 1e-3 at t = T). Students are never clipped; a clipped eps teacher's students "
-                       "predict v from the first stage (--prediction_type auto).")
+                       "breaks without it (alpha < 1e-3 at t = T); for other clip_sample eps teachers, progressive distillation "
+                       "clamps the teacher of the halving where its students leave eps (4 steps by default). Students are "
+                       "never clipped; a clipped eps teacher's students predict v from the first stage (--prediction_type auto).")
     group = parser.add_argument_group("SFD (--method sfd)")
     group.add_argument("--nfe", type=int, nargs="+", default=[4],
                        help="The student's network calls per sample; several (e.g. 2 3 4 5) train one SFD-v student for all.")
@@ -178,7 +179,7 @@ from accelerate.utils import set_seed  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from diffusers_pd import ProgressiveDistillationScheduler, checkpoints, clipping, interrupt, launch, training  # noqa: E402
+from diffusers_pd import ProgressiveDistillationScheduler, checkpoints, interrupt, launch, training  # noqa: E402
 from diffusers_pd.atomic import atomic_write_text  # noqa: E402
 from diffusers_pd.data import load_image_dataset, preprocess_batch_fn, validate_image_dataset  # noqa: E402
 from diffusers_pd.guidance import check_foldable_range, check_guidance_range  # noqa: E402
@@ -480,16 +481,15 @@ def distill(args, argv) -> dict:
     except ValueError as error:
         sys.exit(f"error: {error}")
     device = accelerator.device
-    # measured for the halvings' parameterization rule only: SFD's students and its clamp were not compared so
-    note = clipping.unclamped_clip_sample_note(scheduler_config, args.teacher_clip_sample) if args.method == "progressive" else None
-    if note:
-        logger.warning(note)
     set_seed(args.seed)  # dropout and anything else on the global RNGs (restored from a checkpoint on resume)
     if text_to_image:  # the teacher encodes its training pairs once (latents, text embeddings), cached in output_dir
         try:
             method = make_method(args, scheduler_config, encode_data(args, dataset, accelerator), teacher, accelerator.num_processes)
         except ValueError as error:  # e.g. an image without a caption, found while encoding
             sys.exit(f"error: {error}")
+
+    for note in method.notes():
+        logger.warning(note)
 
     # 3. resume: which stage, which iteration, the teacher of that stage
     stages = method.stages()

@@ -43,7 +43,7 @@ STAGES, BUDGETS = ["4 -> 2", "2 -> 1"], [3, 2]
 @pytest.mark.parametrize(
     "progress, state, refusal",
     [
-        ({"stages": ["8 -> 4", "4 -> 2"], "budgets": BUDGETS}, {}, "was made for stages.*--start_steps / --end_steps"),
+        ({"stages": ["8 -> 4", "4 -> 2"], "budgets": BUDGETS}, {}, "was made for stages.*--start_steps / --end_steps, --prediction_type"),
         ({"stages": [*STAGES, "1 -> 0"], "budgets": [3, 2, 2]}, {}, "was made for stages"),  # a longer run: not a prefix
         ({"stages": ["2 -> 1"], "budgets": [2]}, {}, "was made for stages"),  # these stages' last: not their first
         ({"stages": [], "budgets": []}, {}, "was made for stages"),

@@ -60,15 +60,58 @@ def test_auto_clips_only_an_epsilon_teacher_that_breaks_at_the_first_step_and_re
         teacher_clip_range({}, "yes")
 
 
-def test_a_clip_sample_eps_teacher_left_unclamped_by_auto_gets_one_note_naming_the_flag():
-    from diffusers_pd.clipping import unclamped_clip_sample_note
+def test_auto_clamps_a_hub_ddpm_shaped_teacher_from_the_halving_where_its_students_leave_eps():
+    # The Hub DDPM shape (eps, linear, clip_sample=True): `auto` leaves the original teacher, so the eps stages and the
+    # reference, unclamped; the teacher of the first non-eps halving (an eps student) is clamped as diffusers samples it.
+    from diffusers_pd.clipping import left_unclamped, switch_clip_note, switch_clip_range
+    from diffusers_pd.method import Stage
+    from diffusers_pd.progressive import ProgressiveDistillation
 
-    linear = ddpm_config("linear")  # the Hub DDPM shape: eps, clip_sample=True (the class default), alpha_T 0.0064
-    assert "--teacher_clip_sample on" in unclamped_clip_sample_note(linear)
-    assert unclamped_clip_sample_note(linear, "on") is None and unclamped_clip_sample_note(linear, "off") is None
-    assert unclamped_clip_sample_note(ddpm_config("squaredcos_cap_v2")) is None  # auto clamps it already
-    assert unclamped_clip_sample_note(ddpm_config("linear", clip_sample=False)) is None  # the config says no
-    assert unclamped_clip_sample_note(ddpm_config("linear", "v_prediction")) is None
+    linear = ddpm_config("linear")
+    assert left_unclamped(linear) and switch_clip_range(linear) == 1.0
+    assert switch_clip_range(ddpm_config("linear", clip_sample_range=2.0)) == 2.0
+    assert switch_clip_range(linear, "on") is None and switch_clip_range(linear, "off") is None  # explicit: as asked
+    assert switch_clip_range(ddpm_config("squaredcos_cap_v2")) is None  # auto clamps the original teacher already
+    assert switch_clip_range(ddpm_config("linear", clip_sample=False)) is None  # the config says no
+    assert switch_clip_range(ddpm_config("linear", "v_prediction")) is None  # v students from the start: no switch
+
+    def method(mode="auto", **kwargs):
+        return ProgressiveDistillation(linear, [], (1, 8, 8), start_steps=64, end_steps=1, iterations_per_stage=1,
+                                       loss_weighting="auto", learning_rate=3e-4, teacher_clip_sample=mode,
+                                       **{"prediction_type": "auto", **kwargs})
+
+    auto, unet = method(), tiny_unet()
+    assert [entry["prediction_type"] for entry in auto.plan] == ["epsilon"] * 3 + ["v_prediction"] * 3
+    assert auto.teacher_clip_range is None and auto.state()["teacher_clip_range"] is None  # the reference: unclamped
+    assert [auto.stage_name(i) for i in range(2, 5)] == ["16 -> 8", "8 -> 4 (v_prediction, teacher x-hat clamped)",
+                                                         "4 -> 2 (v_prediction)"]  # a resume of the old plan is refused
+    teachers = [auto.stage_teacher(unet, stage) for stage in auto.stages()]
+    assert [type(t).__name__ for t in teachers] == ["UNet2DModel"] * 3 + ["ClippedTeacher"] + ["UNet2DModel"] * 2
+    auto.load_state({"teacher_prediction_type": "epsilon"})  # resumed at the switch: the 8-step eps student's clamp
+    switch = auto.stage_teacher(unet, Stage(3, auto.stage_name(3), 1, (4,)))
+    assert switch.prediction_type == "epsilon" and switch.clip_range == 1.0
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the clamp acts: x-hat of a random eps net at t = 999 is far outside [-1, 1]
+        assert not torch.equal(switch(latents, torch.tensor([999.0])).sample, unet(latents, torch.tensor([999.0])).sample)
+    cards = [auto.card_training(stage, 8)["teacher x-hat"] for stage in auto.stages()]
+    assert cards[:3] == ["unclipped"] * 3 and cards[3] == cards[5] == (
+        "clamped to [-1, 1] (its clip_sample) from the halving to 4 steps on, where students leave epsilon")
+    # switching at the first stage (v at once) clamps the original teacher, references too, as `on` does
+    v_at_once = method(prediction_type="v_prediction")
+    assert v_at_once.teacher_clip_range == 1.0 and v_at_once.switch_clip_index is None
+    assert "ClippedTeacher" == type(v_at_once.stage_teacher(unet, v_at_once.stages()[0])).__name__
+    # eps to the end, or `off`: nothing clamped anywhere; `on`: the original teacher only, v from the first stage
+    for plain in (method(prediction_type="epsilon"), method("off")):
+        assert plain.teacher_clip_range is None and plain.switch_clip_index is None
+        assert all(type(plain.stage_teacher(unet, stage)).__name__ == "UNet2DModel" for stage in plain.stages())
+    on = method("on")
+    assert on.teacher_clip_range == 1.0 and on.switch_clip_index is None
+    # one warning, only where the clamp starts mid-run: for few-step targets `on` measured better
+    assert auto.notes() == [switch_clip_note("the halving to 4 steps")] and "--teacher_clip_sample on" in auto.notes()[0]
+    converted = method(conversion_stage=True)  # the conversion stage moves the students off eps: its teacher is clamped
+    assert converted.stage_name(3) == "8: epsilon -> v_prediction, teacher x-hat clamped"
+    assert converted.notes() == [switch_clip_note("the conversion stage at 8 steps")]
+    assert on.notes() == v_at_once.notes() == method("off").notes() == method(prediction_type="epsilon").notes() == []
 
 
 def test_an_epsilon_teacher_that_breaks_at_the_first_step_gets_v_students_from_the_first_stage():

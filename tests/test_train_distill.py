@@ -193,19 +193,43 @@ def test_default_rule_keeps_the_first_stage_of_an_eps_teacher_as_faithful_as_its
     rows = {}
     for name, flags in (("auto", []), ("unscaled", ["--no-scale_lr_with_steps", "--loss_weighting", "truncated_snr"])):
         out = tmp_path / name
-        result = run_distill("--teacher", EPS_TEACHER, "--dataset_name", "digits", "--start_steps", 16, "--end_steps", 8,
-                             "--iterations_per_stage", 100, "--train_batch_size", 32, "--num_validation_samples", 32,
-                             "--num_grid_images", 1, "--output_dir", out, *flags)
+        run_distill("--teacher", EPS_TEACHER, "--dataset_name", "digits", "--start_steps", 16, "--end_steps", 8,
+                    "--iterations_per_stage", 100, "--train_batch_size", 32, "--num_validation_samples", 32,
+                    "--num_grid_images", 1, "--output_dir", out, *flags)
         rows[name] = json.loads((out / "summary.json").read_text())[0]
-        # its config says clip_sample=True, auto leaves it unclamped: one warning names the flag that clamps it
-        assert [line for line in result.stderr.splitlines() if "--teacher_clip_sample auto distils" in line][0].endswith(
-            clipping.unclamped_clip_sample_note({"prediction_type": "epsilon", "clip_sample": True}))
     assert rows["auto"]["prediction_type"] == "epsilon"  # 8 steps > the switch at 4: the student keeps the head
     assert rows["auto"]["mse_to_teacher"] <= rows["auto"]["teacher_ddim_mse"], rows["auto"]  # measured 0.64x
     assert rows["unscaled"]["mse_to_teacher"] > rows["unscaled"]["teacher_ddim_mse"], rows["unscaled"]  # measured 1.95x
     card = (tmp_path / "auto" / "student-8steps" / "README.md").read_text()
     assert "| learning rate | 0.00015 (linear decay" in card and "| loss weighting | snr |" in card  # 3e-4 x 4/8, eps-MSE
-    assert "| teacher x-hat | unclipped |" in card  # linear T = 1000: alpha_T = 0.0064, auto does not clip
+    assert "| teacher x-hat | unclipped |" in card  # linear T = 1000 (alpha_T = 0.0064): no clamp while students keep eps
+
+
+def test_auto_clamps_a_clip_sample_eps_teachers_students_from_the_halving_where_they_leave_eps(tmp_path):
+    """Issue 13: a teacher of the Hub DDPM shape (eps, linear, clip_sample=True) under auto: the eps stage follows the
+    unclamped teacher, exactly as with `off`; the switching halving's teacher (the 8-step eps student) is clamped, so
+    that stage differs from `off` from its first update on, and its cards say so. The clamp itself against diffusers'
+    DDIMScheduler(clip_sample=True) is tests/test_clipping.py."""
+    teacher = save_tiny_teacher(tmp_path / "teacher")
+    rows = {}
+    warnings = {}
+    for mode in ("auto", "off"):
+        result = run_distill("--teacher", teacher, "--dataset_name", "digits", "--start_steps", 16, "--end_steps", 4,
+                             "--iterations_per_stage", 2, "--train_batch_size", 8, "--num_validation_samples", 8,
+                             "--num_grid_images", 1, "--teacher_clip_sample", mode, "--output_dir", tmp_path / mode)
+        rows[mode] = json.loads((tmp_path / mode / "summary.json").read_text())
+        warnings[mode] = [line for line in result.stderr.splitlines() if "--teacher_clip_sample auto distils" in line]
+    assert len(warnings["auto"]) == 1 and warnings["auto"][0].endswith(clipping.switch_clip_note("the halving to 4 steps"))
+    assert warnings["off"] == []
+    assert [row["stage"] for row in rows["auto"]] == ["16 -> 8", "8 -> 4 (v_prediction, teacher x-hat clamped)"]
+    assert [row["stage"] for row in rows["off"]] == ["16 -> 8", "8 -> 4 (v_prediction)"]
+    for key in ("first_loss", "final_loss", "mse_to_teacher", "teacher_ddim_mse"):
+        assert rows["auto"][0][key] == rows["off"][0][key], key  # the eps stage and every reference: unclamped
+    assert rows["auto"][1]["first_loss"] != rows["off"][1]["first_loss"]  # the switching halving's targets: clamped
+    assert rows["auto"][1]["teacher_ddim_mse"] == rows["off"][1]["teacher_ddim_mse"]  # its baseline: the original's
+    card = (tmp_path / "auto" / "student-4steps" / "README.md").read_text()
+    assert "| teacher x-hat | clamped to [-1, 1] (its clip_sample) from the halving to 4 steps on, where students leave epsilon |" in card
+    assert "| teacher x-hat | unclipped |" in (tmp_path / "auto" / "student-8steps" / "README.md").read_text()
 
 
 def test_a_cosine_eps_teacher_is_clipped_and_its_students_predict_v_from_the_first_stage(tmp_path):

@@ -527,8 +527,8 @@ def test_a_smaller_end_steps_extends_a_finished_run_to_the_students_of_one_longe
         assert b["teacher_ddim_mse"] == pytest.approx(a["teacher_ddim_mse"], rel=1e-6)
     shorter = run(distill_command(*common, "--end_steps", 2, "--output_dir", extended, "--resume_from_checkpoint", "latest"), env)
     assert shorter.returncode != 0
-    assert shorter.stderr.strip().splitlines()[-1].endswith("pass the run's --start_steps / --end_steps again "
-                                                            "(a smaller --end_steps extends it).")
+    assert shorter.stderr.strip().splitlines()[-1].endswith("pass the run's --start_steps / --end_steps, --prediction_type and "
+                                                            "--teacher_clip_sample again (a smaller --end_steps extends it).")
 
 
 # ----------------------------------------------------------------------------------------------- 6. Ctrl-C / SIGTERM

@@ -130,7 +130,8 @@ def check_resumable(checkpoint, progress: Dict[str, Any], stages: List[str], bud
     done = progress.get("stages") or []
     if not done or stages[: len(done)] != done:
         raise ValueError(f"{checkpoint} was made for stages {progress.get('stages')}, these arguments give {stages}: "
-                         f"pass the run's --start_steps / --end_steps again (a smaller --end_steps extends it).")
+                         f"pass the run's --start_steps / --end_steps, --prediction_type and --teacher_clip_sample again (a smaller "
+                         f"--end_steps extends it).")
     if progress.get("budgets", budgets[: len(done)]) != budgets[: len(done)]:
         raise ValueError(f"{checkpoint} was made with {progress['budgets']} iterations per stage, these arguments give "
                          f"{budgets[: len(done)]}: pass the run's --iterations_per_stage / --num_trajectories again.")

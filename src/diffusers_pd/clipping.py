@@ -12,8 +12,12 @@ two-step targets, the fidelity references and the teacher's DDIM baselines) are 
 for, and sampled by, stock unclipped schedulers (an eps student on such a schedule breaks there too, so
 `parameterization.stage_plan` gives it v from the first stage). `--teacher_clip_sample auto` (the default) clips
 where the config says `clip_sample` AND the teacher `epsilon_breaks_at_first_step`; `on` / `off` force it. Every
-method reads it, for the ORIGINAL teacher only: progressive distillation clips its DDIM steps, SFD its solver's
-trajectories (the data prediction of DPM-Solver++ is the same x-hat; a conditional teacher's at s = 1, `ClippedTeacher`
+method reads it, for the ORIGINAL teacher only; one more clamp is progressive distillation's: under `auto`, an eps
+`clip_sample` teacher that does not break there (the Hub DDPM shape, linear T = 1000) keeps its eps stages and
+references unclamped (every stage below the teacher's DDIM) and has the teacher of the halving where its students
+leave eps clamped (`switch_clip_range`: on the Fashion-MNIST eps teacher its 4 / 2 / 1-step students' FID measured
+in benchmarks/results/fashion-mnist-eps/results.md). The ORIGINAL teacher's clamp: progressive distillation clips
+its DDIM steps, SFD its solver's trajectories (the data prediction of DPM-Solver++ is the same x-hat; a conditional teacher's at s = 1, `ClippedTeacher`
 passing class labels and text embeddings through), guided distillation its classifier-free-guided x-hat AFTER the
 combination, clamp(x_u + s (x_c - x_u)), not each pass (`GuidedDenoiser(clip_range=r)`: stage one's targets, the
 reference samples, the teacher's DDIM baselines; a first halving without a guided stage is s = 1, `ClippedTeacher`).
@@ -62,6 +66,11 @@ def teacher_clip_range(scheduler_config: Mapping, mode: str = "auto") -> Optiona
     auto = class_default(scheduler_config, "clip_sample", False) and epsilon_breaks_at_first_step(scheduler_config)
     if mode == "off" or (mode == "auto" and not auto):
         return None
+    return config_clip_range(scheduler_config)
+
+
+def config_clip_range(scheduler_config: Mapping) -> float:
+    """The config's `clip_sample_range` (1.0 where it leaves it out); one clear error if it is not positive."""
     clip_range = float(class_default(scheduler_config, "clip_sample_range", 1.0))
     if clip_range <= 0:
         raise ValueError(f"clip_sample_range {clip_range} of the teacher's scheduler config must be positive.")
@@ -76,16 +85,22 @@ def left_unclamped(scheduler_config: Mapping, mode: str = "auto") -> bool:
     return scheduler_config.get("prediction_type") == "epsilon" and bool(class_default(scheduler_config, "clip_sample", False))
 
 
-def unclamped_clip_sample_note(scheduler_config: Mapping, mode: str = "auto") -> Optional[str]:
-    """The one-line warning of a progressive run on a teacher `left_unclamped` (measured: clamped, its few-step
-    students are much better by FID), or None."""
-    if not left_unclamped(scheduler_config, mode):
-        return None
-    return ("The teacher's scheduler config says clip_sample=True (diffusers samples it with x-hat clamped) but "
-            "--teacher_clip_sample auto distils it unclamped (the default that keeps every stage below the teacher's "
-            "own DDIM). For 4 steps or fewer pass --teacher_clip_sample on: on the Fashion-MNIST eps benchmark teacher "
-            "its 4 / 2 / 1-step students reached FID 66.00 / 78.29 / 89.35 instead of 101.80 / 107.00 / 113.85 "
-            "(benchmarks/results/fashion-mnist-eps/results.md).")
+def switch_clip_range(scheduler_config: Mapping, mode: str = "auto") -> Optional[float]:
+    """The range r to which progressive distillation's "auto" clamps the teacher of the halving where the students of
+    a `left_unclamped` eps teacher leave eps (the Hub DDPM shape: linear, clip_sample=True), or None."""
+    return config_clip_range(scheduler_config) if left_unclamped(scheduler_config, mode) else None
+
+
+def switch_clip_note(where: str) -> str:
+    """The one-line warning of a progressive run whose teacher `auto` clamps only from stage `where` on (e.g. "the
+    halving to 4 steps"; `switch_clip_range`): where only few-step students matter, clamping from the first stage
+    measured better."""
+    return ("The teacher's scheduler config says clip_sample=True (diffusers samples it with x-hat clamped): "
+            f"--teacher_clip_sample auto distils it unclamped while its students keep eps and clamped from {where} on, "
+            "where they switch to v (every stage below the teacher's own DDIM). If only students "
+            "of 4 steps or fewer matter, pass --teacher_clip_sample on (clamped, v students from the first stage): on "
+            "the Fashion-MNIST eps benchmark teacher its 4 / 2 / 1-step students reached FID 66.00 / 78.29 / 89.35 "
+            "against auto's 91.00 / 97.34 / 105.06 (benchmarks/results/fashion-mnist-eps/results.md).")
 
 
 def clipped_teacher(unet: torch.nn.Module, scheduler_config: Mapping, clip_range: Optional[float]) -> torch.nn.Module:

@@ -179,6 +179,10 @@ class DistillationMethod:
     def finish_stage(self, stage: Stage, student: torch.nn.Module) -> Tuple[torch.nn.Module, List[FinishedStudent]]:
         raise NotImplementedError
 
+    def notes(self) -> List[str]:
+        """One-line warnings about this run's settings, logged once before training (default: none)."""
+        return []
+
     def clipped(self, teacher: torch.nn.Module) -> torch.nn.Module:
         """The original teacher as its sampling steps see it: x-hat clamped where `teacher_clip_range` says so."""
         return clipped_teacher(teacher, self.teacher_config, self.teacher_clip_range)

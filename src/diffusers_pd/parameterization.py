@@ -209,7 +209,9 @@ def stage_plan(
         teacher clipped, eps students ended 0.23 / 0.30 / 0.48 from the clipped reference at 32 / 16 / 8 steps, v
         students 0.079 / 0.079 (benchmarks/results/fashion-mnist-eps/results.md, "Clipped teacher").
     An explicit `prediction_type` P switches to P at the first stage (the behaviour before "auto"), or at
-    `switch_steps` if given; `conversion_stage` puts a conversion stage before the switching halving.
+    `switch_steps` if given; `conversion_stage` puts a conversion stage before the switching halving. Where an eps
+    teacher's config says `clip_sample` and it is not clipped from the start, progressive distillation clamps the
+    teacher of the switching halving (`clipping.switch_clip_range`: better few-step students, eps stages unchanged).
 
     Why (benchmarks/results/eps-teacher-digits/, a digits eps teacher of the Hub DDPM shape, T = 1000 linear, 64 -> 1
     at 400 updates x 64 per stage, sample MSE to the teacher's 64-step samples; teacher DDIM in brackets):

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .clipping import clip_card_row, epsilon_breaks_at_first_step, teacher_clip_range
+from .clipping import (clip_card_row, clipped_teacher, epsilon_breaks_at_first_step, switch_clip_note, switch_clip_range,
+                       teacher_clip_range)
 from .loss import ParameterizationConversionLoss, ProgressiveDistillationLoss, RawOutput, draw_noise_and_grid_indices
 from .method import Batch, DistillationMethod, FinishedStudent, LoopContext, Stage, halving_name, stage_budgets
 from .parameterization import stage_plan, student_learning_rate, student_loss_weighting
@@ -45,7 +46,7 @@ class ProgressiveBatch(Batch):
 
     def __init__(self, method: "ProgressiveDistillation", stage: Stage, iteration: int, teacher, ctx: LoopContext):
         self.method, self.stage, self.iteration, self.ctx = method, stage, iteration, ctx
-        self.teacher = method.clipped(teacher) if stage.index == 0 else teacher  # the original teacher is stage 0's
+        self.teacher = method.stage_teacher(teacher, stage)
 
     def loss(self, student, update: int, micro: int) -> torch.Tensor:
         """Per-sample Algorithm 2 loss on micro-batch `micro`; every random draw is a function of (seed, micro-step)."""
@@ -78,7 +79,10 @@ class ProgressiveDistillation(DistillationMethod):
         learning_rate: peak learning rate, decaying linearly to 0 over each stage.
         scale_lr_with_steps: an N-step epsilon or sample (x) student's peak is learning_rate x min(1, 4 / N) (`student_learning_rate`).
         teacher_clip_sample: "auto", "on" or "off": whether the original teacher's x-hat is clamped in its DDIM steps
-            (`clipping.teacher_clip_range`; auto: as its scheduler config's clip_sample says).
+            (`clipping.teacher_clip_range`; auto: as its scheduler config's clip_sample says, for eps teachers that
+            break at t = T); auto on another clip_sample eps teacher (the Hub DDPM shape) clamps the teacher of the
+            halving where its students leave eps instead (`clipping.switch_clip_range`; the original teacher if that
+            is the first stage).
     """
 
     name = "progressive"
@@ -96,6 +100,14 @@ class ProgressiveDistillation(DistillationMethod):
                                prediction_type=prediction_type, switch_steps=switch_steps, conversion_stage=conversion_stage,
                                epsilon_breaks_at_first_step=epsilon_breaks_at_first_step(self.teacher_config),
                                teacher_clipped=self.teacher_clip_range is not None)
+        # the Hub DDPM shape under auto: eps students follow the unclamped teacher (every stage below its DDIM); the
+        # teacher of the halving where they leave eps is clamped, as diffusers samples it (few-step FID, results.md)
+        self.switch_clip_index, self.switch_clip_range = None, switch_clip_range(self.teacher_config, teacher_clip_sample)
+        leave = next((i for i, entry in enumerate(self.plan) if entry["prediction_type"] != "epsilon"), None)
+        if self.switch_clip_range is not None and leave == 0:  # stage 0's teacher is the original: clamped, as `on`
+            self.teacher_clip_range = self.switch_clip_range
+        elif self.switch_clip_range is not None and leave is not None:
+            self.switch_clip_index = leave
         for entry in self.plan:  # e.g. epsilon on a zero-terminal-SNR schedule: refused now, not at that stage
             ProgressiveDistillationScheduler.from_config(self.scheduler_config, prediction_type=entry["prediction_type"])
             entry["loss_weighting"] = student_loss_weighting(prediction_type=entry["prediction_type"], loss_weighting=loss_weighting)
@@ -116,13 +128,24 @@ class ProgressiveDistillation(DistillationMethod):
         """'64 -> 32' for a halving, '64: epsilon -> v_prediction' for a conversion stage; a student predicting other
         than the original teacher says so: '8 -> 4 (v_prediction)'."""
         entry, before = self.plan[index], self.plan[index - 1]["prediction_type"] if index else self.teacher_prediction_type
+        clamped = ", teacher x-hat clamped" if index == self.switch_clip_index else ""
         if entry["conversion"]:
-            return f"{entry['steps']}: {before} -> {entry['prediction_type']}"
-        return halving_name(entry["steps"], entry["prediction_type"], self.teacher_config["prediction_type"])
+            return f"{entry['steps']}: {before} -> {entry['prediction_type']}{clamped}"
+        name = halving_name(entry["steps"], entry["prediction_type"], self.teacher_config["prediction_type"])
+        return f"{name[:-1]}{clamped})" if clamped else name
 
     def init_student(self, teacher, stage: Stage):
         """The student starts as an exact copy of the teacher (as in the paper)."""
         return copy.deepcopy(teacher).train().requires_grad_(True)
+
+    def stage_teacher(self, teacher, stage: Stage):
+        """The stage's teacher as its DDIM steps see it: the original (stage 0's) `clipped`, the switching halving's
+        clamped to `switch_clip_range` (on its own prediction_type), any other as is."""
+        if stage.index == 0:
+            return self.clipped(teacher)
+        if stage.index == self.switch_clip_index:
+            return clipped_teacher(teacher, self.scheduler_config, self.switch_clip_range)
+        return teacher
 
     def micro_step(self, stage: Stage, iteration: int, micro: int, ctx: LoopContext) -> int:
         """The global index of a micro-batch over the whole run: what its random draws and images are a function of."""
@@ -167,7 +190,24 @@ class ProgressiveDistillation(DistillationMethod):
         return {"iterations per stage": stage.iterations, "global batch size": global_batch,
                 "learning rate": f"{entry['learning_rate']:.4g} (linear decay to 0 per stage)",
                 "loss weighting": entry["loss_weighting"],
-                "teacher x-hat": clip_card_row(self.teacher_clip_range)}
+                "teacher x-hat": self.clip_card_row(stage)}
+
+    def notes(self) -> List[str]:
+        """The run's one warning where `auto` clamps the teacher only from the switching stage (`switch_clip_note`)."""
+        return [] if self.switch_clip_index is None else [switch_clip_note(self.switch_stage())]
+
+    def switch_stage(self) -> str:
+        """'the halving to 4 steps' (or 'the conversion stage at 8 steps'): where the teacher's clamp starts."""
+        entry = self.plan[self.switch_clip_index]
+        return f"the {'conversion stage at' if entry['conversion'] else 'halving to'} {entry['steps']} steps"
+
+    def clip_card_row(self, stage: Stage) -> str:
+        """The card's "teacher x-hat" row: the original teacher's clamp, or from which stage on it was clamped."""
+        if self.switch_clip_index is None:
+            return clip_card_row(self.teacher_clip_range)
+        if stage.index < self.switch_clip_index:
+            return clip_card_row(None)
+        return f"{clip_card_row(self.switch_clip_range)} from {self.switch_stage()} on, where students leave epsilon"
 
     def reference_sampler(self):
         """The original teacher's DDIM at `start_steps`: what every stage distils."""
