@@ -100,7 +100,7 @@ def switch_clip_note(where: str) -> str:
             "where they switch to v (every stage below the teacher's own DDIM). If only students "
             "of 4 steps or fewer matter, pass --teacher_clip_sample on (clamped, v students from the first stage): on "
             "the Fashion-MNIST eps benchmark teacher its 4 / 2 / 1-step students reached FID 66.00 / 78.29 / 89.35 "
-            "against auto's 91.00 / 97.34 / 105.06 (benchmarks/results/fashion-mnist-eps/results.md).")
+            "against auto's 90.40 / 96.78 / 105.21 (benchmarks/results/fashion-mnist-eps/results.md).")
 
 
 def clipped_teacher(unet: torch.nn.Module, scheduler_config: Mapping, clip_range: Optional[float]) -> torch.nn.Module:
