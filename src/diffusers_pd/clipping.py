@@ -17,10 +17,11 @@ method reads it, for the ORIGINAL teacher only; one more clamp is progressive di
 references unclamped (every stage below the teacher's DDIM) and has the teacher of the halving where its students
 leave eps clamped (`switch_clip_range`: on the Fashion-MNIST eps teacher its 4 / 2 / 1-step students' FID measured
 in benchmarks/results/fashion-mnist-eps/results.md). The ORIGINAL teacher's clamp: progressive distillation clips
-its DDIM steps, SFD its solver's trajectories (the data prediction of DPM-Solver++ is the same x-hat; a conditional teacher's at s = 1, `ClippedTeacher`
-passing class labels and text embeddings through), guided distillation its classifier-free-guided x-hat AFTER the
-combination, clamp(x_u + s (x_c - x_u)), not each pass (`GuidedDenoiser(clip_range=r)`: stage one's targets, the
-reference samples, the teacher's DDIM baselines; a first halving without a guided stage is s = 1, `ClippedTeacher`).
+its DDIM steps, SFD its solver's trajectories (the data prediction of DPM-Solver++ is the same x-hat; a conditional
+teacher's at s = 1, `ClippedTeacher` passing class labels and text embeddings through), guided distillation its
+classifier-free-guided x-hat AFTER the combination, clamp(x_u + s (x_c - x_u)), not each pass
+(`GuidedDenoiser(clip_range=r)`: stage one's targets, the reference samples, the teacher's DDIM baselines; a first
+halving without a guided stage is s = 1, `ClippedTeacher`).
 """
 
 import inspect

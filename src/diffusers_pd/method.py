@@ -53,11 +53,13 @@ def stage_budgets(iterations, num_stages: int, flag: str = "--iterations_per_sta
     return values + [values[-1]] * (num_stages - len(values))
 
 
-def halving_name(steps: int, prediction_type: str, teacher_prediction_type: str) -> str:
-    """'2N -> N', with ' (P)' where the N-step student predicts P other than the original teacher (so a resume with
-    another parameterization plan is refused as one with other stages)."""
+def halving_name(steps: int, prediction_type: str, teacher_prediction_type: str, teacher_note: str = "") -> str:
+    """'2N -> N', with ' (P)' where the N-step student predicts P other than the original teacher and ' (..., note)'
+    where its teacher differs from the plain one (so a resume with another plan is refused as one with other stages)."""
+    notes = [prediction_type] if prediction_type != teacher_prediction_type else []
+    notes += [teacher_note] if teacher_note else []
     name = f"{2 * steps} -> {steps}"
-    return name if prediction_type == teacher_prediction_type else f"{name} ({prediction_type})"
+    return f"{name} ({', '.join(notes)})" if notes else name
 
 
 @dataclass(frozen=True)

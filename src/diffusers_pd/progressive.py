@@ -128,11 +128,10 @@ class ProgressiveDistillation(DistillationMethod):
         """'64 -> 32' for a halving, '64: epsilon -> v_prediction' for a conversion stage; a student predicting other
         than the original teacher says so: '8 -> 4 (v_prediction)'."""
         entry, before = self.plan[index], self.plan[index - 1]["prediction_type"] if index else self.teacher_prediction_type
-        clamped = ", teacher x-hat clamped" if index == self.switch_clip_index else ""
+        clamped = "teacher x-hat clamped" if index == self.switch_clip_index else ""
         if entry["conversion"]:
-            return f"{entry['steps']}: {before} -> {entry['prediction_type']}{clamped}"
-        name = halving_name(entry["steps"], entry["prediction_type"], self.teacher_config["prediction_type"])
-        return f"{name[:-1]}{clamped})" if clamped else name
+            return f"{entry['steps']}: {before} -> {entry['prediction_type']}" + (f", {clamped}" if clamped else "")
+        return halving_name(entry["steps"], entry["prediction_type"], self.teacher_config["prediction_type"], clamped)
 
     def init_student(self, teacher, stage: Stage):
         """The student starts as an exact copy of the teacher (as in the paper)."""
@@ -190,7 +189,7 @@ class ProgressiveDistillation(DistillationMethod):
         return {"iterations per stage": stage.iterations, "global batch size": global_batch,
                 "learning rate": f"{entry['learning_rate']:.4g} (linear decay to 0 per stage)",
                 "loss weighting": entry["loss_weighting"],
-                "teacher x-hat": self.clip_card_row(stage)}
+                "teacher x-hat": self.teacher_card_row(stage)}
 
     def notes(self) -> List[str]:
         """The run's one warning where `auto` clamps the teacher only from the switching stage (`switch_clip_note`)."""
@@ -201,7 +200,7 @@ class ProgressiveDistillation(DistillationMethod):
         entry = self.plan[self.switch_clip_index]
         return f"the {'conversion stage at' if entry['conversion'] else 'halving to'} {entry['steps']} steps"
 
-    def clip_card_row(self, stage: Stage) -> str:
+    def teacher_card_row(self, stage: Stage) -> str:
         """The card's "teacher x-hat" row: the original teacher's clamp, or from which stage on it was clamped."""
         if self.switch_clip_index is None:
             return clip_card_row(self.teacher_clip_range)
